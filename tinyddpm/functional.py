@@ -1,0 +1,610 @@
+"""Every differentiable op: one ``Function`` (forward and backward on arrays) plus its public function.
+
+Argument order and weight layouts follow torch.nn.functional, so a PyTorch twin loads the same weights.
+Each Function is written once against ``xp`` (numpy or cupy, whichever owns the input); conv2d,
+group norm and attention call ``tinyddpm.kernels`` implementations chosen by the device.
+"""
+import functools
+import importlib
+import math
+
+import numpy as np
+
+from . import device as _dev
+from . import random as _random
+from .tensor import Function, Tensor
+
+
+def _xp(a):
+    return _dev.array_module(a)
+
+
+def _lift(x, like):
+    """A Tensor for x: Tensors pass through; numbers and arrays become constants of like's dtype."""
+    if isinstance(x, Tensor) or x is None:
+        return x
+    return Tensor(_xp(like.data).asarray(x, dtype=like.dtype))
+
+
+def _binary(a, b):
+    like = a if isinstance(a, Tensor) else b
+    return _lift(a, like), _lift(b, like)
+
+
+def _unbroadcast(g, shape):
+    """Sum a broadcast gradient back to the input's shape."""
+    if g.shape == shape:
+        return g
+    g = g.sum(axis=tuple(range(g.ndim - len(shape)))) if g.ndim > len(shape) else g
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    return g.sum(axis=axes, keepdims=True) if axes else g
+
+
+@functools.cache
+def _kernel_module(op):
+    # Imported on first use: kernel modules load numba.cuda, which must come after set_device.
+    return importlib.import_module(f"tinyddpm.kernels.{op}")
+
+
+def _kernel(op, name, a):
+    """kernels/<op>.py's ``<name>_cpu`` or ``<name>_cuda``, by the backend that serves array a."""
+    return getattr(_kernel_module(op), f"{name}_{_dev.kernel_backend(a)}")
+
+
+# ---- elementwise arithmetic -----------------------------------------------------------------
+class Add(Function):
+    def forward(self, a, b):
+        self.shapes = a.shape, b.shape
+        return a + b
+
+    def backward(self, g):
+        return _unbroadcast(g, self.shapes[0]), _unbroadcast(g, self.shapes[1])
+
+
+class Sub(Function):
+    def forward(self, a, b):
+        self.shapes = a.shape, b.shape
+        return a - b
+
+    def backward(self, g):
+        return _unbroadcast(g, self.shapes[0]), _unbroadcast(-g, self.shapes[1])
+
+
+class Mul(Function):
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a * b
+
+    def backward(self, g):
+        da = _unbroadcast(g * self.b, self.a.shape) if self.needs_grad[0] else None
+        db = _unbroadcast(g * self.a, self.b.shape) if self.needs_grad[1] else None
+        return da, db
+
+
+class Div(Function):
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a / b
+
+    def backward(self, g):
+        da = _unbroadcast(g / self.b, self.a.shape) if self.needs_grad[0] else None
+        db = _unbroadcast(-g * self.a / (self.b * self.b), self.b.shape) if self.needs_grad[1] else None
+        return da, db
+
+
+class Pow(Function):
+    def forward(self, a, exponent):
+        self.a, self.p = a, exponent
+        return a ** exponent
+
+    def backward(self, g):
+        return (g * self.p * self.a ** (self.p - 1),)
+
+
+def add(a, b): return Add.apply(*_binary(a, b))
+def sub(a, b): return Sub.apply(*_binary(a, b))
+def mul(a, b): return Mul.apply(*_binary(a, b))
+def div(a, b): return Div.apply(*_binary(a, b))
+def pow(a, exponent): return Pow.apply(a, exponent=exponent)  # noqa: A001 (mirrors torch.pow)
+
+
+class MatMul(Function):
+    """C = A @ B (batched, broadcasting): dA = dC @ Bᵀ, dB = Aᵀ @ dC."""
+
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a @ b
+
+    def backward(self, g):
+        da = _unbroadcast(g @ self.b.swapaxes(-1, -2), self.a.shape) if self.needs_grad[0] else None
+        db = _unbroadcast(self.a.swapaxes(-1, -2) @ g, self.b.shape) if self.needs_grad[1] else None
+        return da, db
+
+
+def matmul(a, b): return MatMul.apply(*_binary(a, b))
+
+
+# ---- unary functions ------------------------------------------------------------------------
+class Exp(Function):
+    def forward(self, a):
+        self.out = _xp(a).exp(a)
+        return self.out
+
+    def backward(self, g):
+        return (g * self.out,)
+
+
+class Log(Function):
+    def forward(self, a):
+        self.a = a
+        return _xp(a).log(a)
+
+    def backward(self, g):
+        return (g / self.a,)
+
+
+class Sqrt(Function):
+    def forward(self, a):
+        self.out = _xp(a).sqrt(a)
+        return self.out
+
+    def backward(self, g):
+        return (g * 0.5 / self.out,)
+
+
+class ReLU(Function):
+    def forward(self, a):
+        self.mask = a > 0
+        return a * self.mask
+
+    def backward(self, g):
+        return (g * self.mask,)
+
+
+def _sigmoid(a):
+    # σ(a) = (1 + tanh(a/2))/2: no overflow for large |a|, unlike 1/(1+exp(−a)).
+    xp = _xp(a)
+    return xp.multiply(xp.tanh(a * 0.5) + 1, 0.5, dtype=a.dtype)
+
+
+class Sigmoid(Function):
+    def forward(self, a):
+        self.out = _sigmoid(a)
+        return self.out
+
+    def backward(self, g):
+        return (g * self.out * (1 - self.out),)
+
+
+class Tanh(Function):
+    def forward(self, a):
+        self.out = _xp(a).tanh(a)
+        return self.out
+
+    def backward(self, g):
+        return (g * (1 - self.out * self.out),)
+
+
+class SiLU(Function):
+    """silu(a) = a·σ(a);  silu'(a) = σ(a)·(1 + a·(1 − σ(a)))  (Hendrycks & Gimpel 2016)."""
+
+    def forward(self, a):
+        self.a, self.s = a, _sigmoid(a)
+        return a * self.s
+
+    def backward(self, g):
+        s = self.s
+        return (g * (s * (1 + self.a * (1 - s))),)
+
+
+@functools.cache
+def _cpu_erf():
+    import numba  # NumPy has no erf: vectorise math.erf with numba, a core dependency
+
+    def erf(a):
+        return math.erf(a)
+    return numba.vectorize(["float32(float32)", "float64(float64)"])(erf)
+
+
+def _erf(a):
+    if _dev.is_cupy(a):
+        from cupyx.scipy.special import erf
+        return erf(a)
+    return _cpu_erf()(a)
+
+
+class GELU(Function):
+    """gelu(a) = a·Φ(a) = a/2·(1 + erf(a/√2))  (exact, not the tanh approximation);
+    gelu'(a) = Φ(a) + a·φ(a)."""
+
+    def forward(self, a):
+        self.a, self.cdf = a, 0.5 * (1 + _erf(a * (1 / math.sqrt(2))))
+        return a * self.cdf
+
+    def backward(self, g):
+        a = self.a
+        pdf = _xp(a).exp(-0.5 * a * a) * (1 / math.sqrt(2 * math.pi))
+        return (g * (self.cdf + a * pdf),)
+
+
+class Softmax(Function):
+    """softmax(a)_i = exp(a_i − max a) / Σ_j exp(a_j − max a);  da = s·(g − Σ g·s)."""
+
+    def forward(self, a, axis):
+        xp = _xp(a)
+        e = xp.exp(a - a.max(axis=axis, keepdims=True))
+        self.out, self.axis = e / e.sum(axis=axis, keepdims=True), axis
+        return self.out
+
+    def backward(self, g):
+        s = self.out
+        return (s * (g - (g * s).sum(axis=self.axis, keepdims=True)),)
+
+
+def exp(a): return Exp.apply(a)
+def log(a): return Log.apply(a)
+def sqrt(a): return Sqrt.apply(a)
+def relu(a): return ReLU.apply(a)
+def sigmoid(a): return Sigmoid.apply(a)
+def tanh(a): return Tanh.apply(a)
+def silu(a): return SiLU.apply(a)
+def gelu(a): return GELU.apply(a)
+def softmax(a, axis=-1): return Softmax.apply(a, axis=axis)
+
+
+# ---- reductions and shapes ------------------------------------------------------------------
+class Sum(Function):
+    def forward(self, a, axis, keepdims):
+        self.shape, self.axis, self.keepdims = a.shape, axis, keepdims
+        return a.sum(axis=axis, keepdims=keepdims)
+
+    def backward(self, g):
+        if not self.keepdims and self.axis is not None:
+            g = _xp(g).expand_dims(g, self.axis)
+        return (_xp(g).broadcast_to(g, self.shape),)
+
+
+def sum(a, axis=None, keepdims=False):  # noqa: A001 (mirrors torch.sum)
+    return Sum.apply(a, axis=axis, keepdims=keepdims)
+
+
+def mean(a, axis=None, keepdims=False):
+    axes = range(a.ndim) if axis is None else np.atleast_1d(axis)
+    count = math.prod(a.shape[i] for i in axes)
+    return mul(sum(a, axis, keepdims), 1.0 / count)
+
+
+class Reshape(Function):
+    def forward(self, a, shape):
+        self.shape = a.shape
+        return a.reshape(shape)
+
+    def backward(self, g):
+        return (g.reshape(self.shape),)
+
+
+class Permute(Function):
+    def forward(self, a, axes):
+        self.inverse = tuple(np.argsort(axes))
+        return a.transpose(axes)
+
+    def backward(self, g):
+        return (g.transpose(self.inverse),)
+
+
+def reshape(a, shape): return Reshape.apply(a, shape=tuple(shape))
+def permute(a, axes): return Permute.apply(a, axes=tuple(axes))
+
+
+def transpose(a, dim0, dim1):
+    axes = list(range(a.ndim))
+    axes[dim0], axes[dim1] = axes[dim1], axes[dim0]
+    return permute(a, axes)
+
+
+def _is_basic_index(index):
+    items = index if isinstance(index, tuple) else (index,)
+    return all(isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in items)
+
+
+class GetItem(Function):
+    def forward(self, a, index):
+        self.shape, self.dtype, self.index = a.shape, a.dtype, index
+        return a[index]
+
+    def backward(self, g):
+        xp = _xp(g)
+        out = xp.zeros(self.shape, dtype=self.dtype)
+        if _is_basic_index(self.index):
+            out[self.index] = g  # a view: every element is hit at most once
+        else:
+            xp.add.at(out, self.index, g)  # repeated indices accumulate
+        return (out,)
+
+
+def getitem(a, index):
+    if isinstance(index, Tensor):
+        index = index.data
+    return GetItem.apply(a, index=index)
+
+
+class Concat(Function):
+    def forward(self, *arrays, axis):
+        self.axis, self.sizes = axis, [a.shape[axis] for a in arrays]
+        return _xp(arrays[0]).concatenate(arrays, axis=axis)
+
+    def backward(self, g):
+        return tuple(_xp(g).split(g, np.cumsum(self.sizes)[:-1].tolist(), axis=self.axis))
+
+
+def concat(tensors, axis=0): return Concat.apply(*tensors, axis=axis)
+
+
+class Pad(Function):
+    def forward(self, a, widths):
+        self.slices = tuple(slice(lo, lo + n) for (lo, _), n in zip(widths, a.shape))
+        return _xp(a).pad(a, widths)
+
+    def backward(self, g):
+        return (g[self.slices],)
+
+
+def pad(a, pad):
+    """Zero padding, torch.nn.functional.pad order: (last_lo, last_hi, second_last_lo, ...)."""
+    if len(pad) % 2 or len(pad) // 2 > a.ndim:
+        raise ValueError(f"pad needs (lo, hi) pairs for at most {a.ndim} dims, got {pad}")
+    pairs = [(pad[i], pad[i + 1]) for i in range(0, len(pad), 2)][::-1]
+    return Pad.apply(a, widths=[(0, 0)] * (a.ndim - len(pairs)) + pairs)
+
+
+# ---- spatial resampling (NCHW) -----------------------------------------------------------------
+def _windows(a, k):
+    """(N, C, H, W) → (N, C, H//k, W//k, k·k): non-overlapping k×k windows (floor, like torch)."""
+    n, c, h, w = a.shape
+    ho, wo = h // k, w // k
+    a = a[:, :, :ho * k, :wo * k].reshape(n, c, ho, k, wo, k)
+    return a.transpose(0, 1, 2, 4, 3, 5).reshape(n, c, ho, wo, k * k)
+
+
+def _unwindows(g, shape, k):
+    """Inverse of _windows for gradients: scatter windows back and zero-fill the cropped border."""
+    n, c, h, w = shape
+    ho, wo = h // k, w // k
+    g = g.reshape(n, c, ho, wo, k, k).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, ho * k, wo * k)
+    return g if (ho * k, wo * k) == (h, w) else _xp(g).pad(g, ((0, 0), (0, 0), (0, h - ho * k), (0, w - wo * k)))
+
+
+class MaxPool2d(Function):
+    def forward(self, a, k):
+        win = _windows(a, k)
+        self.shape, self.k = a.shape, k
+        self.argmax = win.argmax(axis=-1)[..., None]  # the gradient goes to the first maximum
+        return _xp(a).take_along_axis(win, self.argmax, axis=-1)[..., 0]
+
+    def backward(self, g):
+        xp = _xp(g)
+        win = xp.zeros(g.shape + (self.k * self.k,), dtype=g.dtype)
+        xp.put_along_axis(win, self.argmax, g[..., None], axis=-1)
+        return (_unwindows(win, self.shape, self.k),)
+
+
+class AvgPool2d(Function):
+    def forward(self, a, k):
+        self.shape, self.k = a.shape, k
+        return _windows(a, k).mean(axis=-1)
+
+    def backward(self, g):
+        k2 = self.k * self.k
+        win = _xp(g).broadcast_to((g / k2)[..., None], g.shape + (k2,))
+        return (_unwindows(win, self.shape, self.k),)
+
+
+class UpsampleNearest2d(Function):
+    def forward(self, a, s):
+        n, c, h, w = a.shape
+        self.s = s
+        return _xp(a).broadcast_to(a[:, :, :, None, :, None], (n, c, h, s, w, s)).reshape(n, c, h * s, w * s)
+
+    def backward(self, g):
+        n, c, hs, ws = g.shape
+        s = self.s
+        return (g.reshape(n, c, hs // s, s, ws // s, s).sum(axis=(3, 5)),)
+
+
+def max_pool2d(a, kernel_size=2): return MaxPool2d.apply(a, k=kernel_size)
+def avg_pool2d(a, kernel_size=2): return AvgPool2d.apply(a, k=kernel_size)
+def upsample_nearest2d(a, scale_factor=2): return UpsampleNearest2d.apply(a, s=scale_factor)
+
+
+# ---- layers ---------------------------------------------------------------------------------
+class Embedding(Function):
+    def forward(self, table, idx):
+        self.shape, self.idx = table.shape, idx
+        return table[idx]
+
+    def backward(self, g):
+        xp = _xp(g)
+        dtable = xp.zeros(self.shape, dtype=g.dtype)
+        xp.add.at(dtable, self.idx, g)
+        return (dtable,)
+
+
+def embedding(idx, table):
+    """Rows of ``table`` (num, dim) picked by integer ``idx`` (any shape)."""
+    idx = idx.data if isinstance(idx, Tensor) else idx
+    return Embedding.apply(table, idx=_dev.array_module(table.data).asarray(idx))
+
+
+class Linear(Function):
+    """y = x Wᵀ + b with W (out, in):  dx = g W,  dW = gᵀ x,  db = Σ g."""
+
+    def forward(self, x, w, b):
+        self.x, self.w = x, w
+        y = x @ w.T
+        return y + b if b is not None else y
+
+    def backward(self, g):
+        x2, g2 = self.x.reshape(-1, self.x.shape[-1]), g.reshape(-1, g.shape[-1])
+        dx = (g @ self.w) if self.needs_grad[0] else None
+        dw = g2.T @ x2 if self.needs_grad[1] else None
+        db = g2.sum(axis=0) if self.needs_grad[2] else None
+        return dx, dw, db
+
+
+def linear(x, w, b=None): return Linear.apply(x, w, b)
+
+
+class Conv2d(Function):
+    """y[n,k] = Σ_{c,r,s} w[k,c,r,s] · x[n, c, h·stride + r − pad, w·stride + s − pad] + b[k]
+    (kernels/conv2d.py)."""
+
+    def forward(self, x, w, b, stride, padding):
+        x, w = _contiguous(x), _contiguous(w)
+        self.backward_impl = _kernel("conv2d", "conv2d_backward", x)
+        y, self.saved = _kernel("conv2d", "conv2d", x)(x, w, b, stride, padding)
+        return y
+
+    def backward(self, g):
+        dx, dw, db = self.backward_impl(self.saved, _contiguous(g))
+        return dx, dw, (db if self.needs_grad[2] else None)
+
+
+def _contiguous(a):
+    return _xp(a).ascontiguousarray(a)
+
+
+def conv2d(x, w, b=None, stride=1, padding=0):
+    if x.ndim != 4 or w.ndim != 4 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"conv2d needs x (N, C, H, W) and w (K, C, R, S) with the same C, got {x.shape} and {w.shape}")
+    return Conv2d.apply(x, w, b, stride=stride, padding=padding)
+
+
+class GroupNorm(Function):
+    """y = (x − μ_g)/√(σ²_g + eps) · γ + β, statistics per (sample, group)  (Wu & He 2018;
+    kernels/group_norm.py)."""
+
+    def forward(self, x, weight, bias, num_groups, eps):
+        x = _contiguous(x)
+        self.backward_impl = _kernel("group_norm", "group_norm_backward", x)
+        y, self.saved = _kernel("group_norm", "group_norm", x)(x, num_groups, weight, bias, eps)
+        return y
+
+    def backward(self, g):
+        return self.backward_impl(self.saved, _contiguous(g))
+
+
+class GroupNormSiLU(Function):
+    """y = silu(GroupNorm(x)) + emb[:, :, None, None], one fused pass (kernels/group_norm.py)."""
+
+    def forward(self, x, weight, bias, emb, num_groups, eps):
+        x = _contiguous(x)
+        self.backward_impl = _kernel("group_norm", "group_norm_silu_backward", x)
+        emb = None if emb is None else _contiguous(emb)
+        y, self.saved = _kernel("group_norm", "group_norm_silu", x)(x, num_groups, weight, bias, emb, eps)
+        return y
+
+    def backward(self, g):
+        return self.backward_impl(self.saved, _contiguous(g))
+
+
+def _check_groups(x, num_groups):
+    if x.ndim < 2 or num_groups < 1 or x.shape[1] % num_groups:
+        raise ValueError(f"group_norm: num_groups={num_groups} must divide the {x.shape[1] if x.ndim > 1 else '?'} channels of x {x.shape}")
+
+
+def group_norm(x, num_groups, weight, bias, eps=1e-5):
+    _check_groups(x, num_groups)
+    return GroupNorm.apply(x, weight, bias, num_groups=num_groups, eps=eps)
+
+
+def group_norm_silu(x, num_groups, weight, bias, emb=None, eps=1e-5):
+    _check_groups(x, num_groups)
+    return GroupNormSiLU.apply(x, weight, bias, emb, num_groups=num_groups, eps=eps)
+
+
+class LayerNorm(Function):
+    """y = (x − μ)/√(σ² + eps) · γ + β over the last dim (Ba et al. 2016; two-pass variance);
+    dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)) with ĝ = g·γ."""
+
+    def forward(self, x, weight, bias, eps):
+        xc = x - x.mean(axis=-1, keepdims=True)
+        self.rstd = 1 / _xp(x).sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
+        self.xhat, self.weight = xc * self.rstd, weight
+        return self.xhat * weight + bias
+
+    def backward(self, g):
+        xhat = self.xhat
+        gh = g * self.weight
+        dx = self.rstd * (gh - gh.mean(axis=-1, keepdims=True) - xhat * (gh * xhat).mean(axis=-1, keepdims=True))
+        lead = tuple(range(g.ndim - 1))
+        return dx, (g * xhat).sum(axis=lead), g.sum(axis=lead)
+
+
+def layer_norm(x, weight, bias, eps=1e-5): return LayerNorm.apply(x, weight, bias, eps=eps)
+
+
+class ScaledDotProductAttention(Function):
+    """O = softmax(Q Kᵀ/√d) V on (B, heads, L, d)  (Vaswani et al. 2017; kernels/attention.py)."""
+
+    def forward(self, q, k, v):
+        q, k, v = _contiguous(q), _contiguous(k), _contiguous(v)
+        self.backward_impl = _kernel("attention", "attention_backward", q)
+        out, self.saved = _kernel("attention", "attention", q)(q, k, v)
+        return out
+
+    def backward(self, g):
+        return self.backward_impl(self.saved, _contiguous(g))
+
+
+def scaled_dot_product_attention(q, k, v):
+    if q.ndim != 4 or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention needs q (B, H, Lq, d), k and v (B, H, Lk, d); got {q.shape}, {k.shape}, {v.shape}")
+    return ScaledDotProductAttention.apply(q, k, v)
+
+
+def dropout(x, p, training=True):
+    """Zero each element with probability p and scale the rest by 1/(1−p) (Srivastava et al. 2014)."""
+    if not training or p == 0:
+        return x
+    keep = _random.generator().random(x.shape) >= p
+    return mul(x, _dev.to_device(keep.astype(x.dtype) / (1 - p), x.device))
+
+
+# ---- losses ---------------------------------------------------------------------------------
+class MSELoss(Function):
+    """mean((pred − target)²)."""
+
+    def forward(self, pred, target):
+        self.diff = pred - target
+        return (self.diff * self.diff).mean()
+
+    def backward(self, g):
+        d = self.diff * (2 * g / self.diff.size)
+        return d, (-d if self.needs_grad[1] else None)
+
+
+def mse_loss(pred, target): return MSELoss.apply(*_binary(pred, target))
+
+
+class CrossEntropy(Function):
+    """mean over n of −log softmax(z_n)[y_n] = logsumexp(z_n) − z_n[y_n]  (stable: max-subtracted)."""
+
+    def forward(self, logits, target):
+        xp = _xp(logits)
+        z = logits - logits.max(axis=1, keepdims=True)
+        e = xp.exp(z)
+        s = e.sum(axis=1, keepdims=True)
+        rows = xp.arange(len(target))
+        self.probs, self.target = e / s, target
+        return (xp.log(s)[:, 0] - z[rows, target]).mean()
+
+    def backward(self, g):
+        d = self.probs.copy()
+        d[_xp(d).arange(len(self.target)), self.target] -= 1
+        return d * (g / len(self.target)), None
+
+
+def cross_entropy(logits, target):
+    """Mean cross-entropy of (N, K) logits against integer class targets (N,)."""
+    target = target.data if isinstance(target, Tensor) else target
+    return CrossEntropy.apply(logits, Tensor(_dev.array_module(logits.data).asarray(target)))
