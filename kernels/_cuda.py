@@ -24,8 +24,10 @@ def kernel(signature):
 
 
 def device_function(fn):
-    """``cuda.jit(device=True)``: inlined into the kernels that call it."""
-    return cuda.jit(device=True)(fn)
+    """``cuda.jit(device=True)``, inlined into the kernels that call it. ``inline="always"`` also
+    lets compile_ptx run without a GPU: numba-cuda 0.30 asks the driver for the compute capability
+    when it compiles a separately linked device function."""
+    return cuda.jit(device=True, inline="always")(fn)
 
 
 def array_module(a):

@@ -1,0 +1,222 @@
+"""The ``tinyddpm`` command: train, sample, trajectory, eval.
+
+Every mistake a user can make (bad numbers, missing or corrupt files, unwritable paths, no GPU)
+ends in one line on stderr naming the problem and exit code 2, never a traceback.
+"""
+import argparse
+import dataclasses
+import os
+import sys
+
+import numpy as np
+
+from .checkpoint import CheckpointError
+from .data import DataError
+from .device import DeviceError
+from .nn import StateDictError
+from .unet import PRESETS
+
+
+class UsageError(Exception):
+    """A bad command-line value (printed as one line, exit code 2)."""
+
+
+# Library validation errors are ValueErrors with a message written for the user (DataError,
+# CheckpointError and StateDictError among them); TINYDDPM_DEBUG=1 shows the traceback instead.
+EXPECTED_ERRORS = (UsageError, ValueError, DataError, CheckpointError, StateDictError, DeviceError, OSError)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise UsageError(message)
+
+
+def _int_at_least(lo):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {value}")
+        return value
+    return parse
+
+
+def _float_in(lo, hi, lo_open=False):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (lo < value if lo_open else lo <= value) or value > hi or value != value:
+            raise argparse.ArgumentTypeError(f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {text}")
+        return value
+    return parse
+
+
+def parse_labels(text):
+    """'0-9' (a range), '3,3,7' (a list) → int64 array of digits."""
+    try:
+        if "-" in text:
+            lo, hi = (int(p) for p in text.split("-"))
+            labels = np.arange(lo, hi + 1)
+        else:
+            labels = np.array([int(p) for p in text.split(",")])
+    except ValueError:
+        raise UsageError(f"--labels {text!r}: use a range like 0-9 or a list like 3,3,7") from None
+    if labels.size == 0 or labels.min() < 0 or labels.max() > 9:
+        raise UsageError(f"--labels {text!r}: digits must be within 0-9")
+    return labels.astype(np.int64)
+
+
+def _writable_file(path):
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+        raise UsageError(f"cannot write {path!r}: directory {directory!r} does not exist or is not writable")
+
+
+def _add_sampling_args(p, default_steps=50):
+    p.add_argument("--checkpoint", required=True, help="a checkpoint.npz written by `tinyddpm train`")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    p.add_argument("--steps", type=_int_at_least(1), default=default_steps, help="DDIM steps (DDPM uses all T)")
+    p.add_argument("--eta", type=_float_in(0, 1), default=0.0, help="DDIM stochasticity η")
+    p.add_argument("--guidance", type=_float_in(0, 100), default=2.0, help="classifier-free guidance w ≥ 0")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("cpu", "cuda", "cudasim"), default="cpu")
+
+
+def build_parser():
+    parser = _Parser(prog="tinyddpm", description="Train and sample a tiny DDPM on MNIST.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a U-Net on MNIST (Algorithm 1)")
+    t.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    t.add_argument("--data-dir", help="directory with the MNIST IDX files (else cache, download, embedded subset)")
+    t.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
+    t.add_argument("--steps", type=_int_at_least(1))
+    t.add_argument("--batch-size", type=_int_at_least(1))
+    t.add_argument("--lr", type=_float_in(0, 1, lo_open=True))
+    t.add_argument("--schedule", choices=("linear", "cosine", "quadratic", "sigmoid"))
+    t.add_argument("--timesteps", type=_int_at_least(2))
+    t.add_argument("--prediction", choices=("eps", "x0", "v"))
+    cond = t.add_mutually_exclusive_group()
+    cond.add_argument("--cond", dest="conditional", action="store_true", default=None, help="class-conditional (default)")
+    cond.add_argument("--uncond", dest="conditional", action="store_false")
+    t.add_argument("--p-uncond", type=_float_in(0, 1))
+    t.add_argument("--ema-decay", type=_float_in(0, 1))
+    t.add_argument("--device", choices=("cpu", "cuda", "cudasim"), default="cpu")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--sample-every", type=_int_at_least(1))
+    t.add_argument("--ckpt-every", type=_int_at_least(1))
+    t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.npz")
+
+    s = sub.add_parser("sample", help="sample a grid of digits from a checkpoint")
+    _add_sampling_args(s)
+    s.add_argument("--n", type=_int_at_least(1), default=64)
+    s.add_argument("--labels", default="0-9", help="digits to draw, cycled: a range 0-9 or a list 3,3,7")
+    s.add_argument("--out", default="grid.png")
+    s.add_argument("--npz", default=None, help="also write images (N,28,28) uint8 and labels (N,) int64")
+
+    tr = sub.add_parser("trajectory", help="a strip of one digit emerging from noise (x_T … x_0)")
+    _add_sampling_args(tr)
+    tr.add_argument("--label", type=int, choices=range(10), default=None)
+    tr.add_argument("--frames", type=_int_at_least(2), default=10)
+    tr.add_argument("--out", default="trajectory.png")
+    return parser
+
+
+def cmd_train(args):
+    from . import train
+    if args.resume and args.out is None:
+        raise UsageError("--resume needs --out pointing at the run to continue")
+    overrides = {k: v for k, v in {
+        "preset": args.preset, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+        "schedule": args.schedule, "timesteps": args.timesteps, "prediction": args.prediction,
+        "conditional": args.conditional, "p_uncond": args.p_uncond, "ema_decay": args.ema_decay,
+        "seed": args.seed, "sample_every": args.sample_every, "ckpt_every": args.ckpt_every}.items()
+        if v is not None}
+    config = dataclasses.replace(train.TrainConfig(), **{**train.PRESET_DEFAULTS[args.preset], **overrides})
+    out = args.out or os.path.join("runs", args.preset)
+    trainer = train.Trainer(config, out, data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr))
+    if args.resume:
+        trainer.resume()
+    try:
+        trainer.run()
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _load_for_sampling(args):
+    from . import train
+    model, diffusion, config = train.load_model(args.checkpoint)
+    if not config.conditional and args.guidance:
+        args.guidance = 0.0  # an unconditional model has nothing to guide towards
+    return model, diffusion, config
+
+
+def cmd_sample(args):
+    from . import data, pictures
+    from . import device as _dev
+    from .tensor import no_grad
+    _writable_file(args.out)
+    if args.npz:
+        _writable_file(args.npz)
+    model, diffusion, config = _load_for_sampling(args)
+    labels = np.resize(parse_labels(args.labels), args.n) if config.conditional else None
+    with no_grad():
+        x = diffusion.sample(model, (args.n, 1, 28, 28), y=labels, guidance=args.guidance, sampler=args.sampler,
+                             steps=args.steps if args.sampler == "ddim" else None, eta=args.eta,
+                             rng=np.random.default_rng(args.seed))
+    images = data.from_model_range(_dev.to_numpy(x.data))[:, 0]
+    ncols = 10 if labels is not None and args.n % 10 == 0 else int(np.ceil(np.sqrt(args.n)))
+    pictures.save(pictures.grid(images, ncols), args.out)
+    print(f"wrote {args.out}", file=sys.stderr)
+    if args.npz:
+        from . import checkpoint
+        out_labels = labels if labels is not None else np.full(args.n, -1, dtype=np.int64)
+        checkpoint.save(args.npz, {"images": images, "labels": out_labels.astype(np.int64)})
+        print(f"wrote {args.npz}", file=sys.stderr)
+    return 0
+
+
+def cmd_trajectory(args):
+    from . import data, pictures
+    from . import device as _dev
+    from .tensor import no_grad
+    _writable_file(args.out)
+    model, diffusion, config = _load_for_sampling(args)
+    rng = np.random.default_rng(args.seed)
+    label = args.label if args.label is not None else int(rng.integers(10))
+    y = np.array([label]) if config.conditional else None
+    with no_grad():
+        _, frames = diffusion.sample(model, (1, 1, 28, 28), y=y, guidance=args.guidance, sampler=args.sampler,
+                                     steps=args.steps if args.sampler == "ddim" else None, eta=args.eta, rng=rng,
+                                     return_trajectory=args.frames)
+    images = np.stack([data.from_model_range(_dev.to_numpy(f.data if hasattr(f, "data") else f))[0, 0] for f in frames])
+    pictures.save(pictures.grid(images, ncols=len(images), scale=3), args.out)
+    print(f"wrote {args.out}: {len(images)} frames from x_T to x_0", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "trajectory": cmd_trajectory}
+
+
+def main(argv=None):
+    try:
+        args = build_parser().parse_args(argv)
+        if args.device != "cpu":
+            from .device import set_device
+            set_device(args.device)
+        return COMMANDS[args.command](args)
+    except EXPECTED_ERRORS as e:
+        if os.environ.get("TINYDDPM_DEBUG"):
+            raise
+        message = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename!r}"
+        print(f"tinyddpm: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

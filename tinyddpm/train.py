@@ -1,0 +1,185 @@
+"""Training on MNIST (Algorithm 1 of DDPM) with Adam, EMA, gradient clipping, LR warmup,
+periodic sample grids, a loss curve and atomic, exactly-resumable checkpoints."""
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from . import checkpoint, data, optim, pictures
+from . import device as _dev
+from . import random as _random
+from .diffusion import GaussianDiffusion
+from .schedules import get_betas
+from .tensor import Tensor, no_grad
+from .unet import PRESETS, UNet, UNetConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    preset: str = "tiny"
+    steps: int = 6000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    schedule: str = "linear"
+    timesteps: int = 1000
+    prediction: str = "eps"
+    conditional: bool = True
+    p_uncond: float = 0.1
+    ema_decay: float = 0.999
+    seed: int = 0
+    sample_every: int = 1000
+    ckpt_every: int = 500
+    sample_steps: int = 50          # DDIM steps for the periodic sample grids
+
+    def unet_config(self):
+        return dataclasses.replace(PRESETS[self.preset], num_classes=10 if self.conditional else 0)
+
+
+# Per-preset defaults for what the user does not set: `smoke` must finish in under 2 minutes.
+PRESET_DEFAULTS = {
+    "smoke": dict(steps=60, batch_size=32, timesteps=200, sample_every=60, ckpt_every=60, warmup_steps=20,
+                  sample_steps=20),
+    "tiny": dict(),
+    "base": dict(steps=40000, batch_size=128, lr=2e-4, sample_every=2000, ckpt_every=2000),
+}
+
+
+def build(config):
+    """(model, ema model, diffusion) for a TrainConfig."""
+    unet_cfg = config.unet_config()
+    model = UNet(unet_cfg)
+    ema_model = UNet(unet_cfg).eval()  # eval: sampling must not draw dropout masks from the training RNG
+    diffusion = GaussianDiffusion(get_betas(config.schedule, config.timesteps), prediction=config.prediction)
+    return model, ema_model, diffusion
+
+
+class Trainer:
+    def __init__(self, config, out_dir, data_dir=None, log=print):
+        self.config, self.out_dir, self.log = config, out_dir, log
+        os.makedirs(out_dir, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError(f"output directory {out_dir!r} is not writable")
+        mnist = data.load_mnist("train", root=data_dir)
+        log(f"data: {len(mnist.images)} images from {mnist.source}")
+        self.images = data.to_model_range(mnist.images)  # float32 (N, 1, 28, 28) in [-1, 1]
+        self.labels = mnist.labels
+        _random.manual_seed(config.seed)                   # parameter init and dropout
+        self.rng = np.random.default_rng(config.seed)      # batches, timesteps and noise
+        self.model, self.ema_model, self.diffusion = build(config)
+        self.ema = optim.EMA(self.model, config.ema_decay)
+        self.opt = optim.Adam(self.model.parameters(), lr=config.lr)
+        self.step, self.losses = 0, []
+
+    @property
+    def checkpoint_path(self):
+        return os.path.join(self.out_dir, "checkpoint.npz")
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def save(self):
+        checkpoint.save(self.checkpoint_path, {
+            "format": "tinyddpm-checkpoint-v1",
+            "config": json.dumps(dataclasses.asdict(self.config)),
+            "unet_config": json.dumps(self.config.unet_config().to_dict()),
+            "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optim": self.opt.state_dict(),
+            "step": self.step, "losses": np.asarray(self.losses, dtype=np.float64),
+            "rng": json.dumps(self.rng.bit_generator.state), "init_rng": json.dumps(_random.get_state()),
+        })
+
+    def resume(self):
+        state = load_checkpoint(self.checkpoint_path)
+        saved = TrainConfig(**json.loads(state["config"]))
+        changed = [f.name for f in dataclasses.fields(TrainConfig)
+                   if f.name not in ("steps", "sample_every", "ckpt_every", "sample_steps")
+                   and getattr(saved, f.name) != getattr(self.config, f.name)]
+        if changed:
+            raise ValueError(f"--resume with settings that differ from the checkpoint's: {', '.join(changed)}")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optim"])
+        self.step, self.losses = int(state["step"]), list(state["losses"])
+        self.rng.bit_generator.state = json.loads(state["rng"])
+        _random.set_state(json.loads(state["init_rng"]))
+        self.log(f"resumed from {self.checkpoint_path} at step {self.step}")
+
+    # ---- one step of Algorithm 1 -----------------------------------------------------------------
+    def train_step(self):
+        cfg = self.config
+        idx = self.rng.integers(0, len(self.images), size=cfg.batch_size)
+        x0 = Tensor(_dev.to_device(self.images[idx]))
+        y = _dev.to_device(self.labels[idx]) if cfg.conditional else None
+        loss = self.diffusion.training_loss(self.model, x0, y, p_uncond=cfg.p_uncond, rng=self.rng)
+        self.opt.zero_grad()
+        loss.backward()
+        optim.clip_grad_norm(self.opt.params, cfg.grad_clip)
+        self.opt.lr = optim.warmup_lr(self.step, cfg.lr, cfg.warmup_steps)
+        self.opt.step()
+        self.ema.update(self.model)
+        self.step += 1
+        return loss.item()
+
+    def sample_grid(self, path, n_per_class=8):
+        """EMA samples (DDIM): one row per digit when conditional."""
+        self.ema.copy_to(self.ema_model)
+        cfg = self.config
+        labels = np.repeat(np.arange(10), n_per_class) if cfg.conditional else None
+        n = 10 * n_per_class
+        with no_grad():
+            x = self.diffusion.sample(self.ema_model, (n, 1, 28, 28), y=labels, sampler="ddim", steps=cfg.sample_steps,
+                                      guidance=1.0 if cfg.conditional else 0.0, progress=False,
+                                      rng=np.random.default_rng(cfg.seed + self.step))
+        pictures.save(pictures.grid(data.from_model_range(_dev.to_numpy(x.data if isinstance(x, Tensor) else x))[:, 0],
+                                    ncols=n_per_class), path)
+
+    def run(self):
+        cfg = self.config
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        t0, step0 = time.perf_counter(), self.step
+        try:
+            while self.step < cfg.steps:
+                loss = self.train_step()
+                self.losses.append(loss)
+                bar.update(1)
+                rate = (self.step - step0) * cfg.batch_size / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}")
+                if self.step % cfg.ckpt_every == 0:
+                    self.save()
+                if self.step % cfg.sample_every == 0:
+                    self.sample_grid(os.path.join(self.out_dir, f"samples_{self.step:06d}.png"))
+        except KeyboardInterrupt:
+            bar.close()
+            self.save()
+            self.log(f"interrupted: checkpoint saved at step {self.step} to {self.checkpoint_path}")
+            raise
+        bar.close()
+        self.save()
+        pictures.save(pictures.loss_curve(self.losses), os.path.join(self.out_dir, "loss.png"))
+        elapsed = time.perf_counter() - t0
+        self.log(f"done: {self.step} steps in {elapsed:.0f} s, final loss (mean of last 100) "
+                 f"{np.mean(self.losses[-100:]):.4f}; wrote {self.checkpoint_path}, loss.png and sample grids")
+
+
+def load_checkpoint(path):
+    """A training checkpoint, checked to be one (a clear CheckpointError otherwise)."""
+    state = checkpoint.load(path)
+    if not isinstance(state, dict) or state.get("format") != "tinyddpm-checkpoint-v1":
+        raise checkpoint.CheckpointError(f"{path!r} is not a tinyddpm training checkpoint")
+    return state
+
+
+def load_model(path, use_ema=True):
+    """(model, diffusion, TrainConfig) from a checkpoint, with the EMA weights by default."""
+    state = load_checkpoint(path)
+    config = TrainConfig(**json.loads(state["config"]))
+    model = UNet(UNetConfig(**json.loads(state["unet_config"])))
+    try:
+        model.load_state_dict(state["ema" if use_ema else "model"])
+    except ValueError as e:
+        raise checkpoint.CheckpointError(f"checkpoint {path!r}: {e}") from None
+    diffusion = GaussianDiffusion(get_betas(config.schedule, config.timesteps), prediction=config.prediction)
+    return model.eval(), diffusion, config
