@@ -38,7 +38,7 @@ import numpy as np
 from numba import float32
 
 from ._bench import OpBench, Version
-from ._cuda import SIMULATED, array_module, ceil_div, cuda, kernel
+from ._cuda import SIMULATED, array_module, ceil_div, cuda, device_function, kernel
 
 
 # ---- NumPy reference ---------------------------------------------------------------------------

@@ -52,8 +52,9 @@ def test_every_parameter_gets_a_gradient():
 
 def test_parameter_names_are_stable_and_nested():
     names = [n for n, _ in UNet(SMOKE).named_parameters()]
-    assert names[:4] == ["time_mlp.0.weight", "time_mlp.0.bias", "time_mlp.1.weight", "time_mlp.1.bias"]
-    assert "down.1.1.attn.in_proj_weight" in names and "up.0.0.skip.weight" in names
+    assert names[:6] == ["time_mlp.0.weight", "time_mlp.0.bias", "time_mlp.1.weight", "time_mlp.1.bias",
+                         "class_emb.weight", "stem.weight"]
+    assert "down.1.1.attn.in_proj_weight" in names and "up.1.0.skip.weight" in names
     assert names[-2:] == ["out.weight", "out.bias"]
 
 

@@ -33,12 +33,15 @@ class Module:
         return self.forward(*args, **kwargs)
 
     def children(self):
-        """(name, Module) pairs of the direct sub-modules, in attribute order."""
-        for name, value in vars(self).items():
+        """(name, Module) pairs of the sub-modules held directly or in (nested) lists, in attribute order."""
+        def walk(name, value):
             if isinstance(value, Module):
                 yield name, value
             elif isinstance(value, (list, tuple)):
-                yield from ((f"{name}.{i}", m) for i, m in enumerate(value) if isinstance(m, Module))
+                for i, item in enumerate(value):
+                    yield from walk(f"{name}.{i}", item)
+        for name, value in vars(self).items():
+            yield from walk(name, value)
 
     def named_parameters(self, prefix=""):
         for name, value in vars(self).items():

@@ -132,13 +132,6 @@ class UNet(nn.Module):
                    for cin, skip, s in zip(deeper, widths[::-1], sizes[::-1])]
         self.out = nn.Conv2d(base, cfg.in_channels, 1)
 
-    def children(self):
-        yield from super().children()
-        for i, level in enumerate(self.down):
-            yield from ((f"down.{i}.{j}", b) for j, b in enumerate(level))
-        for i, level in enumerate(self.up):
-            yield from ((f"up.{i}.{j}", b) for j, b in enumerate(level))
-
     def embed(self, t, y):
         """SiLU of the time embedding MLP output plus the class embedding: (B, 4·base)."""
         temb = Tensor(_dev.to_device(timestep_embedding(t, self.config.base_channels)))
