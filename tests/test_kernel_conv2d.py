@@ -1,0 +1,232 @@
+"""kernels/conv2d.py: the reference against naive loops and finite differences, the CPU
+implementation and every CUDA version (numba's simulator, tiny shapes) against the reference."""
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from tinyddpm.kernels import conv2d as conv
+
+KERNEL_SIZES = [(1, 1), (1, 3), (3, 1), (2, 3), (3, 3)]
+
+
+def output_size(size, kernel_size, stride, padding):
+    return (size + 2 * padding - kernel_size) // stride + 1
+
+
+# ---- independent naive loops (the definition, one multiply-add at a time) ----------------------
+def taps(x_shape, w_shape, stride, padding):
+    """Every (n, k, i, j, c, r, s, h, v) with y[n, k, i, j] += w[k, c, r, s]·x[n, c, h, v]."""
+    n_, c_, h_, w_ = x_shape
+    k_, _, r_, s_ = w_shape
+    out_h, out_w = output_size(h_, r_, stride, padding), output_size(w_, s_, stride, padding)
+    for n, k, i, j, c, r, s in itertools.product(range(n_), range(k_), range(out_h), range(out_w),
+                                                 range(c_), range(r_), range(s_)):
+        h, v = i * stride + r - padding, j * stride + s - padding
+        if 0 <= h < h_ and 0 <= v < w_:
+            yield n, k, i, j, c, r, s, h, v
+
+
+def naive_conv2d(x, w, b, stride, padding):
+    out_h = output_size(x.shape[2], w.shape[2], stride, padding)
+    out_w = output_size(x.shape[3], w.shape[3], stride, padding)
+    y = np.zeros((x.shape[0], w.shape[0], out_h, out_w))
+    y += b[None, :, None, None]
+    for n, k, i, j, c, r, s, h, v in taps(x.shape, w.shape, stride, padding):
+        y[n, k, i, j] += w[k, c, r, s] * x[n, c, h, v]
+    return y
+
+
+def naive_conv2d_backward(x, w, dy, stride, padding):
+    dx, dw = np.zeros(x.shape), np.zeros(w.shape)
+    for n, k, i, j, c, r, s, h, v in taps(x.shape, w.shape, stride, padding):
+        dx[n, c, h, v] += w[k, c, r, s] * dy[n, k, i, j]
+        dw[k, c, r, s] += dy[n, k, i, j] * x[n, c, h, v]
+    return dx, dw, dy.sum(axis=(0, 2, 3))
+
+
+def numeric_grad(objective, a, eps=1e-6):
+    """Central differences of the scalar objective() with respect to every element of a (in place)."""
+    grad = np.zeros_like(a)
+    for idx in np.ndindex(a.shape):
+        original = a[idx]
+        a[idx] = original + eps
+        plus = objective()
+        a[idx] = original - eps
+        minus = objective()
+        a[idx] = original
+        grad[idx] = (plus - minus) / (2 * eps)
+    return grad
+
+
+# ---- problem generators ------------------------------------------------------------------------
+@st.composite
+def conv_shapes(draw, max_batch=3, max_channels=5, max_extra=5):
+    """(N, C, H, W, K, R, S, stride, padding) with the kernel fitting the padded input."""
+    r, s = draw(st.sampled_from(KERNEL_SIZES))
+    stride, padding = draw(st.sampled_from([1, 2])), draw(st.sampled_from([0, 1]))
+    h = draw(st.integers(max(1, r - 2 * padding), max(1, r - 2 * padding) + max_extra))
+    w = draw(st.integers(max(1, s - 2 * padding), max(1, s - 2 * padding) + max_extra))
+    n = draw(st.integers(1, max_batch))
+    c, k = draw(st.integers(1, max_channels)), draw(st.integers(1, max_channels))
+    return n, c, h, w, k, r, s, stride, padding
+
+
+def make_problem(shape, dtype, seed, offset=0.0):
+    """x (offset by `offset`), w, b and a random upstream gradient dy for `shape`."""
+    n, c, h, w, k, r, s, stride, padding = shape
+    rng = np.random.default_rng(seed)
+    x = offset + rng.standard_normal((n, c, h, w))
+    wt = rng.standard_normal((k, c, r, s))
+    b = rng.standard_normal(k)
+    dy = rng.standard_normal((n, k, output_size(h, r, stride, padding), output_size(w, s, stride, padding)))
+    return tuple(a.astype(dtype) for a in (x, wt, b, dy))
+
+
+# ---- the reference -----------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5, 2, 3, 3, 1, 1), (1, 2, 5, 4, 3, 1, 3, 2, 0),
+                                   (2, 1, 5, 5, 2, 3, 2, 2, 1), (1, 3, 3, 3, 2, 1, 1, 1, 0)])
+def test_reference_matches_naive_loops(shape):
+    x, w, b, dy = make_problem(shape, np.float64, seed=1, offset=0.5)
+    stride, padding = shape[-2:]
+    np.testing.assert_allclose(conv.conv2d_reference(x, w, b, stride, padding),
+                               naive_conv2d(x, w, b, stride, padding), rtol=1e-12, atol=1e-12)
+    for got, want in zip(conv.conv2d_backward_reference(x, w, dy, stride, padding),
+                         naive_conv2d_backward(x, w, dy, stride, padding)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 4, 3, 3, 3, 3, 1, 1), (1, 3, 5, 4, 2, 2, 3, 2, 1)])
+def test_reference_backward_matches_finite_differences(shape):
+    x, w, b, dy = make_problem(shape, np.float64, seed=2, offset=-0.3)
+    stride, padding = shape[-2:]
+    objective = lambda: float((conv.conv2d_reference(x, w, b, stride, padding) * dy).sum())  # noqa: E731
+    dx, dw, db = conv.conv2d_backward_reference(x, w, dy, stride, padding)
+    for analytic, wrt in ((dx, x), (dw, w), (db, b)):
+        np.testing.assert_allclose(analytic, numeric_grad(objective, wrt), rtol=1e-6, atol=1e-8)
+
+
+# ---- the CPU implementation --------------------------------------------------------------------
+@given(shape=conv_shapes(), dtype=st.sampled_from([np.float32, np.float64]), with_bias=st.booleans(),
+       seed=st.integers(0, 2**16))
+@example(shape=(2, 3, 4, 5, 4, 1, 1, 1, 1), dtype=np.float32, with_bias=True, seed=0)  # 1×1, padded
+@example(shape=(3, 2, 7, 6, 5, 1, 1, 2, 0), dtype=np.float64, with_bias=False, seed=0)  # 1×1, strided
+def test_cpu_matches_reference(shape, dtype, with_bias, seed):
+    x, w, b, dy = make_problem(shape, dtype, seed, offset=1.5)
+    b = b if with_bias else None
+    stride, padding = shape[-2:]
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    y, saved = conv.conv2d_cpu(x, w, b, stride, padding)
+    want = conv.conv2d_reference(*(a.astype(np.float64) if a is not None else None for a in (x, w, b)),
+                                 stride, padding)
+    assert y.dtype == dtype and y.flags.c_contiguous
+    np.testing.assert_allclose(y, want, rtol=tol, atol=tol)
+    grads = conv.conv2d_backward_cpu(saved, dy)
+    wants = conv.conv2d_backward_reference(*(a.astype(np.float64) for a in (x, w, dy)), stride, padding)
+    for name, got, want in zip(("dx", "dw", "db"), grads, wants):
+        assert got.dtype == dtype and got.shape == want.shape and got.flags.c_contiguous, name
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=name)
+
+
+# ---- the CUDA versions, in numba's simulator ---------------------------------------------------
+# Tiny shapes: the simulator runs ~1k threads/s. Hypothesis's first draws are the smallest, so the
+# examples add shapes that span partial 16×16 tiles (C·R·S = 27; 40 and 84 pixels) and split
+# backward-weight v2 over several pixel chunks.
+SIM_SHAPES = conv_shapes(max_batch=2, max_channels=3, max_extra=3)
+SEVERAL_TILES = (2, 3, 5, 4, 3, 3, 3, 1, 1)
+SEVERAL_TILES_STRIDED = (2, 3, 6, 7, 3, 3, 3, 2, 1)
+
+
+def cuda_problem(shape, seed, with_bias=True):
+    x, w, b, dy = make_problem(shape, np.float32, seed, offset=0.5)
+    return x, w, (b if with_bias else None), dy
+
+
+def assert_close_to_reference_forward(y, x, w, b, stride, padding):
+    want = conv.conv2d_reference(x.astype(np.float64), w.astype(np.float64),
+                                 None if b is None else b.astype(np.float64), stride, padding)
+    assert y.dtype == np.float32
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+
+
+def assert_close_to_reference_backward(grads, x, w, dy, stride, padding):
+    wants = conv.conv2d_backward_reference(*(a.astype(np.float64) for a in (x, w, dy)), stride, padding)
+    for name, got, want in zip(("dx", "dw", "db"), grads, wants):
+        assert got.dtype == np.float32 and got.shape == want.shape, name
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("version", conv.VERSIONS)
+@settings(max_examples=6)
+@given(shape=SIM_SHAPES, with_bias=st.booleans(), seed=st.integers(0, 2**16))
+@example(shape=SEVERAL_TILES, with_bias=True, seed=0)
+@example(shape=SEVERAL_TILES_STRIDED, with_bias=False, seed=0)
+def test_cuda_forward_matches_reference(version, shape, with_bias, seed):
+    x, w, b, _ = cuda_problem(shape, seed, with_bias)
+    stride, padding = shape[-2:]
+    y, _ = conv.conv2d_cuda(x, w, b, stride, padding, version=version)
+    assert_close_to_reference_forward(y, x, w, b, stride, padding)
+
+
+@pytest.mark.parametrize("version", conv.VERSIONS)
+@settings(max_examples=4)
+@given(shape=SIM_SHAPES, seed=st.integers(0, 2**16))
+@example(shape=SEVERAL_TILES, seed=0)
+@example(shape=SEVERAL_TILES_STRIDED, seed=0)
+def test_cuda_backward_matches_reference(version, shape, seed):
+    x, w, b, dy = cuda_problem(shape, seed)
+    stride, padding = shape[-2:]
+    _, saved = conv.conv2d_cuda(x, w, b, stride, padding, version=version)
+    grads = conv.conv2d_backward_cuda(saved, dy)
+    assert_close_to_reference_backward(grads, x, w, dy, stride, padding)
+
+
+def test_cuda_v2_spans_several_tiles_of_channels():
+    """K = C = 17: two 16-row tiles of output channels (forward, dW) and of input channels (dx)."""
+    shape = (1, 17, 3, 4, 17, 1, 1, 1, 0)
+    x, w, b, dy = cuda_problem(shape, seed=3)
+    y, saved = conv.conv2d_cuda(x, w, b, 1, 0, version=2)
+    assert_close_to_reference_forward(y, x, w, b, 1, 0)
+    assert_close_to_reference_backward(conv.conv2d_backward_cuda(saved, dy), x, w, dy, 1, 0)
+
+
+def test_bad_arguments_raise_one_clear_value_error():
+    x, w, b, dy = cuda_problem((1, 2, 4, 4, 3, 3, 3, 1, 1), seed=4)
+    with pytest.raises(ValueError, match="does not fit"):
+        conv.conv2d_cpu(x[:, :, :2], w, b, 1, 0)
+    with pytest.raises(ValueError, match="stride"):
+        conv.conv2d_cpu(x, w, b, 0, 1)
+    with pytest.raises(ValueError, match="float32"):
+        conv.conv2d_cuda(x.astype(np.float64), w, b, 1, 1)
+    with pytest.raises(ValueError, match="same C"):
+        conv.conv2d_cuda(x, w[:, :1], b, 1, 1)
+    with pytest.raises(ValueError, match="bias"):
+        conv.conv2d_cuda(x, w, b[:2], 1, 1)
+    with pytest.raises(ValueError, match="does not fit"):
+        conv.conv2d_cuda(x[:, :, :2], w, b, 1, 0)
+    with pytest.raises(ValueError, match="versions"):
+        conv.conv2d_cuda(x, w, b, 1, 1, version=3)
+    _, saved = conv.conv2d_cuda(x, w, b, 1, 1, version=1)
+    with pytest.raises(ValueError, match="dy"):
+        conv.conv2d_backward_cuda(saved, dy[:, :2])
+
+
+# ---- the benchmark description -----------------------------------------------------------------
+@pytest.mark.parametrize("shape", conv.BENCH.sim_shapes, ids=str)
+def test_every_bench_version_matches_the_reference(shape):
+    bench = conv.BENCH
+    case = bench.make_case(shape, np, seed=0)
+    names, directions = ("reference", "cpu", "cuda_v1", "cuda_v2"), ("forward", "backward")
+    assert {(v.name, v.direction) for v in bench.versions} == set(itertools.product(names, directions))
+    for version in bench.versions:
+        want = bench.reference(case, version.direction)
+        got = version.run(case)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            # Tighter than bench.atol, which allows for the ~50k-term dw sums of the default shapes.
+            np.testing.assert_allclose(g, w, rtol=bench.rtol, atol=1e-4,
+                                       err_msg=f"{version.name} {version.direction}")
+    for direction in ("forward", "backward"):
+        assert bench.flops(shape, direction) > 0 and bench.bytes(shape, direction) > 0
