@@ -123,6 +123,25 @@ def build_parser():
     tr.add_argument("--label", type=int, choices=range(10), default=None)
     tr.add_argument("--frames", type=_int_at_least(2), default=10)
     tr.add_argument("--out", default="trajectory.png")
+
+    e = sub.add_parser("eval", help="score samples with the MNIST judge: classifier-FID, accuracy, confidence")
+    source = e.add_mutually_exclusive_group(required=True)
+    source.add_argument("samples", nargs="?", help="a .npz written by `tinyddpm sample --npz`")
+    source.add_argument("--checkpoint", help="sample from this checkpoint first, then evaluate")
+    e.add_argument("--n", type=_int_at_least(2), default=1000, help="how many images to sample")
+    e.add_argument("--labels", default="0-9", help="digits to sample, cycled: a range 0-9 or a list 3,3,7")
+    e.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    e.add_argument("--steps", type=_int_at_least(1), default=50, help="DDIM steps (DDPM uses all T)")
+    e.add_argument("--eta", type=_float_in(0, 1), default=0.0, help="DDIM stochasticity η")
+    e.add_argument("--guidance", type=_float_in(0, 100), default=2.0, help="classifier-free guidance w ≥ 0")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=_int_at_least(1), default=250, help="images sampled (or scored for --bpd) at a time")
+    e.add_argument("--device", choices=("cpu", "cuda", "cudasim"), default="cpu")
+    e.add_argument("--bpd", type=_int_at_least(1), metavar="N",
+                   help="also the checkpoint's bits/dim on N real MNIST test images (the variational bound)")
+    e.add_argument("--ref-data", metavar="DIR", help="MNIST IDX directory: recompute the reference statistics "
+                   "from its held-out training images (and read --bpd's test images there first)")
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
 
@@ -138,6 +157,8 @@ def cmd_train(args):
         if v is not None}
     config = dataclasses.replace(train.TrainConfig(), **{**train.PRESET_DEFAULTS[args.preset], **overrides})
     out = args.out or os.path.join("runs", args.preset)
+    if args.resume and not os.path.isfile(os.path.join(out, "checkpoint.npz")):
+        raise UsageError(f"--resume: there is no checkpoint.npz in {out!r} (it does not exist)")
     trainer = train.Trainer(config, out, data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr))
     if args.resume:
         trainer.resume()
@@ -200,7 +221,82 @@ def cmd_trajectory(args):
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "trajectory": cmd_trajectory}
+def _sample_for_eval(args, model, diffusion, config):
+    """uint8 images (n, 28, 28) and their labels (None when unconditional), in batches of --batch-size
+    drawn from one generator (so the result depends on --seed alone)."""
+    from . import data
+    from . import device as _dev
+    from .tensor import no_grad
+    labels = np.resize(parse_labels(args.labels), args.n) if config.conditional else None
+    rng = np.random.default_rng(args.seed)
+    images = np.empty((args.n, 28, 28), np.uint8)
+    for start in range(0, args.n, args.batch_size):
+        rows = slice(start, min(start + args.batch_size, args.n))
+        print(f"sampling images {rows.start + 1}-{rows.stop} of {args.n}", file=sys.stderr)
+        with no_grad():
+            x = diffusion.sample(model, (rows.stop - rows.start, 1, 28, 28), y=None if labels is None else labels[rows],
+                                 guidance=args.guidance, sampler=args.sampler,
+                                 steps=args.steps if args.sampler == "ddim" else None, eta=args.eta, rng=rng)
+        images[rows] = data.from_model_range(_dev.to_numpy(x.data))[:, 0]
+    return images, labels
+
+
+def _bits_per_dim(args, model, diffusion, config):
+    """Mean bits/dim of the checkpoint on the first --bpd MNIST test images (never trained on), in
+    batches of --batch-size."""
+    from . import data
+    from . import device as _dev
+    test = data.load_mnist("test", root=args.ref_data)
+    if args.bpd > len(test.images):
+        raise UsageError(f"--bpd {args.bpd}: the MNIST test set has only {len(test.images)} images")
+    rng = np.random.default_rng(args.seed)
+    bits = []
+    for start in range(0, args.bpd, args.batch_size):
+        rows = slice(start, min(start + args.batch_size, args.bpd))
+        x0 = _dev.to_device(data.to_model_range(test.images[rows]))
+        y = _dev.to_device(test.labels[rows]) if config.conditional else None
+        bits.append(diffusion.bits_per_dim(model, x0, y, rng=rng, progress=True))
+    return float(np.concatenate(bits).mean())
+
+
+def cmd_eval(args):
+    import json
+
+    from . import data, evaluation
+    if args.bpd and not args.checkpoint:
+        raise UsageError("--bpd needs --checkpoint (bits/dim is a property of a model, not of samples)")
+    judge, reference = evaluation.load_judge()
+    reference_source = f"shipped: {reference.n:,} held-out MNIST training images"
+    if args.ref_data:
+        images, _ = evaluation.held_out(data.load_idx_dir(args.ref_data, "train"))
+        reference = evaluation.reference_statistics(judge, images)
+        reference_source = f"{reference.n:,} held-out MNIST training images from {args.ref_data}"
+    bits_per_dim = None
+    if args.checkpoint:
+        model, diffusion, config = _load_for_sampling(args)
+        images, labels = _sample_for_eval(args, model, diffusion, config)
+        if args.bpd:
+            bits_per_dim = _bits_per_dim(args, model, diffusion, config)
+    else:
+        images, labels = evaluation.load_samples(args.samples)
+    result = evaluation.evaluate(images, labels, judge, reference)
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(result), "bits_per_dim": bits_per_dim, "reference": reference_source}))
+        return 0
+    rows = [("n", f"{result.n}", ""),
+            ("classifier FID", f"{result.fid:.3f}", f"vs {reference_source}"),
+            ("accuracy", "-" if result.accuracy is None else f"{result.accuracy:.2%}",
+             "the judge names the requested digit" if result.accuracy is not None else "no labels"),
+            ("confidence", f"{result.confidence:.4f}", "mean max-softmax"),
+            ("class entropy", f"{result.class_entropy:.4f}", f"ln 10 = {evaluation.MAX_ENTROPY:.4f} is balanced")]
+    if bits_per_dim is not None:
+        rows.append(("bits/dim", f"{bits_per_dim:.4f}", f"on {args.bpd} MNIST test images"))
+    for name, value, note in rows:
+        print(f"{name:<15} {value:>10}   {note}".rstrip())
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "trajectory": cmd_trajectory, "eval": cmd_eval}
 
 
 def main(argv=None):
