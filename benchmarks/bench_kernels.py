@@ -144,6 +144,8 @@ def run_bench(bench, args):
 
 def _torch_twin(name, on_gpu):
     """time(case, direction, timer, repeats) for the same op in PyTorch, or None without torch."""
+    # idle OpenMP threads of PyTorch must sleep, not spin, or they starve NumPy's BLAS threads
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import torch
     except ImportError:

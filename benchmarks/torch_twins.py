@@ -116,7 +116,7 @@ def op_timer(name, torch_module, on_gpu):
 
 # The keys of each kernel module's BENCH.make_case that PyTorch sees.
 OPS = {
-    "conv2d": lambda c: tf.conv2d(c["x"], c["w"], c["b"], stride=c["stride"].item(), padding=c["padding"].item()),
+    "conv2d": lambda c: tf.conv2d(c["x"], c["w"], c["b"], stride=c["stride"], padding=c["padding"]),
     "group_norm": lambda c: tf.group_norm(c["x"], c["num_groups"], c["weight"], c["bias"], 1e-5),
     "group_norm_silu": lambda c: tf.silu(tf.group_norm(c["x"], c["num_groups"], c["weight"], c["bias"], 1e-5))
     + c["emb"][:, :, None, None],

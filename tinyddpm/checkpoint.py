@@ -39,6 +39,9 @@ def save(path, tree):
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint gets the usual file mode
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **dict(_flatten(tree)))

@@ -76,10 +76,13 @@ def _writable_file(path):
         raise UsageError(f"cannot write {path!r}: directory {directory!r} does not exist or is not writable")
 
 
-def _add_sampling_args(p, default_steps=50):
-    p.add_argument("--checkpoint", required=True, help="a checkpoint.npz written by `tinyddpm train`")
+def _add_sampling_args(p, checkpoint=None):
+    """The sampler options shared by sample, trajectory and eval (eval's --checkpoint is optional
+    and lives in a group, so it passes its own)."""
+    (checkpoint or p).add_argument("--checkpoint", required=checkpoint is None,
+                                   help="a checkpoint.npz written by `tinyddpm train`")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
-    p.add_argument("--steps", type=_int_at_least(1), default=default_steps, help="DDIM steps (DDPM uses all T)")
+    p.add_argument("--steps", type=_int_at_least(1), default=50, help="DDIM steps (DDPM uses all T)")
     p.add_argument("--eta", type=_float_in(0, 1), default=0.0, help="DDIM stochasticity η")
     p.add_argument("--guidance", type=_float_in(0, 100), default=2.0, help="classifier-free guidance w ≥ 0")
     p.add_argument("--seed", type=int, default=0)
@@ -127,16 +130,10 @@ def build_parser():
     e = sub.add_parser("eval", help="score samples with the MNIST judge: classifier-FID, accuracy, confidence")
     source = e.add_mutually_exclusive_group(required=True)
     source.add_argument("samples", nargs="?", help="a .npz written by `tinyddpm sample --npz`")
-    source.add_argument("--checkpoint", help="sample from this checkpoint first, then evaluate")
+    _add_sampling_args(e, checkpoint=source)
     e.add_argument("--n", type=_int_at_least(2), default=1000, help="how many images to sample")
     e.add_argument("--labels", default="0-9", help="digits to sample, cycled: a range 0-9 or a list 3,3,7")
-    e.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
-    e.add_argument("--steps", type=_int_at_least(1), default=50, help="DDIM steps (DDPM uses all T)")
-    e.add_argument("--eta", type=_float_in(0, 1), default=0.0, help="DDIM stochasticity η")
-    e.add_argument("--guidance", type=_float_in(0, 100), default=2.0, help="classifier-free guidance w ≥ 0")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--batch-size", type=_int_at_least(1), default=250, help="images sampled (or scored for --bpd) at a time")
-    e.add_argument("--device", choices=("cpu", "cuda", "cudasim"), default="cpu")
+    e.add_argument("--batch-size", type=_int_at_least(1), default=250, help="images per batch (sampling, --bpd)")
     e.add_argument("--bpd", type=_int_at_least(1), metavar="N",
                    help="also the checkpoint's bits/dim on N real MNIST test images (the variational bound)")
     e.add_argument("--ref-data", metavar="DIR", help="MNIST IDX directory: recompute the reference statistics "
@@ -241,22 +238,31 @@ def _sample_for_eval(args, model, diffusion, config):
     return images, labels
 
 
-def _bits_per_dim(args, model, diffusion, config):
+def _bits_per_dim(args, model, diffusion, config, test_split):
     """Mean bits/dim of the checkpoint on the first --bpd MNIST test images (never trained on), in
     batches of --batch-size."""
     from . import data
     from . import device as _dev
-    test = data.load_mnist("test", root=args.ref_data)
-    if args.bpd > len(test.images):
-        raise UsageError(f"--bpd {args.bpd}: the MNIST test set has only {len(test.images)} images")
     rng = np.random.default_rng(args.seed)
     bits = []
     for start in range(0, args.bpd, args.batch_size):
         rows = slice(start, min(start + args.batch_size, args.bpd))
-        x0 = _dev.to_device(data.to_model_range(test.images[rows]))
-        y = _dev.to_device(test.labels[rows]) if config.conditional else None
+        x0 = _dev.to_device(data.to_model_range(test_split.images[rows]))
+        y = _dev.to_device(test_split.labels[rows]) if config.conditional else None
         bits.append(diffusion.bits_per_dim(model, x0, y, rng=rng, progress=True))
     return float(np.concatenate(bits).mean())
+
+
+def _judge_and_reference(args):
+    """The shipped judge, its reference statistics (recomputed from --ref-data when given) and a
+    line saying where they come from."""
+    from . import data, evaluation
+    judge, reference = evaluation.load_judge()
+    if not args.ref_data:
+        return judge, reference, f"shipped: {reference.n:,} held-out MNIST training images"
+    images, _ = evaluation.held_out(data.load_idx_dir(args.ref_data, "train"))
+    reference = evaluation.reference_statistics(judge, images)
+    return judge, reference, f"{reference.n:,} held-out MNIST training images from {args.ref_data}"
 
 
 def cmd_eval(args):
@@ -265,20 +271,20 @@ def cmd_eval(args):
     from . import data, evaluation
     if args.bpd and not args.checkpoint:
         raise UsageError("--bpd needs --checkpoint (bits/dim is a property of a model, not of samples)")
-    judge, reference = evaluation.load_judge()
-    reference_source = f"shipped: {reference.n:,} held-out MNIST training images"
-    if args.ref_data:
-        images, _ = evaluation.held_out(data.load_idx_dir(args.ref_data, "train"))
-        reference = evaluation.reference_statistics(judge, images)
-        reference_source = f"{reference.n:,} held-out MNIST training images from {args.ref_data}"
-    bits_per_dim = None
+    # Every input is read and checked before the slow part (sampling, bits/dim) starts.
     if args.checkpoint:
         model, diffusion, config = _load_for_sampling(args)
-        images, labels = _sample_for_eval(args, model, diffusion, config)
-        if args.bpd:
-            bits_per_dim = _bits_per_dim(args, model, diffusion, config)
+        test_split = data.load_mnist("test", root=args.ref_data) if args.bpd else None
+        if args.bpd and args.bpd > len(test_split.images):
+            raise UsageError(f"--bpd {args.bpd}: the MNIST test set has only {len(test_split.images)} images")
     else:
         images, labels = evaluation.load_samples(args.samples)
+    judge, reference, reference_source = _judge_and_reference(args)
+    bits_per_dim = None
+    if args.checkpoint:
+        images, labels = _sample_for_eval(args, model, diffusion, config)
+        if args.bpd:
+            bits_per_dim = _bits_per_dim(args, model, diffusion, config, test_split)
     result = evaluation.evaluate(images, labels, judge, reference)
     if args.json:
         print(json.dumps({**dataclasses.asdict(result), "bits_per_dim": bits_per_dim, "reference": reference_source}))

@@ -470,7 +470,9 @@ class Conv2d(Function):
 
 
 def _contiguous(a):
-    return _xp(a).ascontiguousarray(a)
+    """CUDA kernels index C-contiguous arrays; the CPU kernels take any strides (they copy
+    where they transpose anyway), so only the cuda backend pays for a copy here."""
+    return _xp(a).ascontiguousarray(a) if _dev.kernel_backend(a) == "cuda" else a
 
 
 def conv2d(x, w, b=None, stride=1, padding=0):

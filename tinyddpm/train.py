@@ -62,6 +62,7 @@ def build(config):
 class Trainer:
     def __init__(self, config, out_dir, data_dir=None, log=print):
         self.config, self.out_dir, self.log = config, out_dir, log
+        _dev.retain_freed_memory()
         os.makedirs(out_dir, exist_ok=True)
         if not os.access(out_dir, os.W_OK):
             raise PermissionError(f"output directory {out_dir!r} is not writable")
