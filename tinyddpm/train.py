@@ -21,7 +21,7 @@ from .unet import PRESETS, UNet, UNetConfig
 @dataclass(frozen=True)
 class TrainConfig:
     preset: str = "tiny"
-    steps: int = 6000
+    steps: int = 2000
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 200
@@ -31,11 +31,11 @@ class TrainConfig:
     prediction: str = "eps"
     conditional: bool = True
     p_uncond: float = 0.1
-    ema_decay: float = 0.999
+    ema_decay: float = 0.995
     seed: int = 0
-    sample_every: int = 1000
-    ckpt_every: int = 500
-    sample_steps: int = 50          # DDIM steps for the periodic sample grids
+    sample_every: int = 500
+    ckpt_every: int = 250
+    sample_steps: int = 25          # DDIM steps for the periodic sample grids
 
     def unet_config(self):
         return dataclasses.replace(PRESETS[self.preset], num_classes=10 if self.conditional else 0)
@@ -46,7 +46,8 @@ PRESET_DEFAULTS = {
     "smoke": dict(steps=60, batch_size=32, timesteps=200, sample_every=60, ckpt_every=60, warmup_steps=20,
                   sample_steps=20),
     "tiny": dict(),
-    "base": dict(steps=40000, batch_size=128, lr=2e-4, sample_every=2000, ckpt_every=2000),
+    "base": dict(steps=40000, batch_size=128, lr=2e-4, ema_decay=0.9995, sample_every=2000, ckpt_every=2000,
+                 sample_steps=50),
 }
 
 
