@@ -1,0 +1,79 @@
+"""On a real GPU only: every CUDA kernel version on CuPy arrays against the NumPy reference, and the
+U-Net's loss and gradients on `cuda` against `cpu`.
+
+Deselected by default (setup.cfg: -m "not cuda"); with a GPU run
+    TINYDDPM_TEST_DEVICE=cuda python -m pytest -m cuda
+"""
+import importlib
+
+import numpy as np
+import pytest
+
+import tinyddpm as td
+from tinyddpm.device import to_device, to_numpy
+from tinyddpm.unet import PRESETS, UNet
+
+pytestmark = pytest.mark.cuda
+OPS = ("conv2d", "group_norm", "attention")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gpu():
+    """Fail (not skip) when these tests were asked for on a machine that cannot run them."""
+    td.set_device("cuda")  # one clear DeviceError without CuPy, a GPU, or with the simulator on
+    td.set_device("cpu")
+    import cupy
+    return cupy
+
+
+def benches():
+    for op in OPS:
+        bench = importlib.import_module(f"tinyddpm.kernels.{op}").BENCH
+        for b in [bench] + list(bench.extra.values()):
+            for v in b.versions:
+                if v.backend == "cuda":
+                    yield pytest.param(b, v, id=f"{b.name}-{v.name}-{v.direction}")
+
+
+@pytest.mark.parametrize("bench, version", list(benches()))
+def test_kernel_version_matches_reference_on_gpu(gpu, bench, version):
+    # the simulator's odd shapes (no tile multiples) and the tiny preset's real ones
+    for shape in bench.sim_shapes + bench.shapes:
+        case = bench.make_case(shape, gpu, seed=1)
+        host = {k: gpu.asnumpy(v) if isinstance(v, gpu.ndarray) else v for k, v in case.items()}
+        want = bench.reference(host, version.direction)
+        got = version.run(case)
+        for i, (g, w) in enumerate(zip(got, want)):
+            if g is None and w is None:
+                continue
+            np.testing.assert_allclose(gpu.asnumpy(g), w, rtol=bench.rtol, atol=bench.atol,
+                                       err_msg=f"{bench.name} {version.name} {version.direction} "
+                                               f"output {i} at {shape}")
+
+
+def unet_loss_and_grads(device, state, x, t, y, upstream):
+    td.set_device(device)
+    try:
+        model = UNet(PRESETS["smoke"])
+        model.load_state_dict(state)
+        out = model(td.Tensor(to_device(x)), to_device(t), to_device(y))
+        loss = (out * td.Tensor(to_device(upstream))).sum()
+        loss.backward()
+        return loss.item(), {n: to_numpy(p.grad) for n, p in model.named_parameters()}
+    finally:
+        td.set_device("cpu")
+
+
+def test_unet_forward_and_backward_agree_between_cuda_and_cpu():
+    td.random.manual_seed(0)
+    state = UNet(PRESETS["smoke"]).state_dict()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 1, 28, 28)).astype(np.float32)
+    t, y = np.array([0, 57, 199]), np.array([3, 10, 7])
+    upstream = rng.standard_normal((3, 1, 28, 28)).astype(np.float32)
+    cpu_loss, cpu_grads = unet_loss_and_grads("cpu", state, x, t, y, upstream)
+    gpu_loss, gpu_grads = unet_loss_and_grads("cuda", state, x, t, y, upstream)
+    assert gpu_loss == pytest.approx(cpu_loss, rel=1e-4)
+    for name, g in cpu_grads.items():
+        scale = np.abs(g).max() + 1e-6
+        np.testing.assert_allclose(gpu_grads[name] / scale, g / scale, atol=1e-3, err_msg=name)
