@@ -38,8 +38,9 @@ def test_train_writes_checkpoint_samples_and_loss_curve(trained):
 
 def test_sample_writes_grid_and_npz(trained, tmp_path):
     grid, npz = tmp_path / "g.png", tmp_path / "s.npz"
+    # batches of 4 for 6 images: the last batch is short, and labels must stay aligned across batches
     assert cli.main(["sample", "--checkpoint", str(trained / "checkpoint.npz"), "--n", "6", "--labels", "3,3,7",
-                     "--steps", "3", "--out", str(grid), "--npz", str(npz)]) == 0
+                     "--steps", "3", "--batch-size", "4", "--out", str(grid), "--npz", str(npz)]) == 0
     with np.load(npz, allow_pickle=False) as f:
         assert f["images"].shape == (6, 28, 28) and f["images"].dtype == np.uint8
         np.testing.assert_array_equal(f["labels"], [3, 3, 7, 3, 3, 7])
