@@ -71,7 +71,7 @@ class UNet(tnn.Module):
         temb = torch.from_numpy(timestep_embedding(np.asarray(t), self.config.base_channels)).to(x.device)
         emb = self.time_mlp[1](tf.silu(self.time_mlp[0](temb)))
         if self.class_emb is not None:
-            y = torch.full((len(t),), self.num_classes) if y is None else torch.as_tensor(np.asarray(y))
+            y = torch.full((len(t),), self.num_classes) if y is None else torch.as_tensor(np.array(y))  # a copy: torch wants writable memory
             emb = emb + self.class_emb(y.to(x.device))
         emb = tf.silu(emb)
         h, skips = self.stem(x), []
