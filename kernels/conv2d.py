@@ -21,7 +21,7 @@ its pixels) and padded by R − 1 − π, with the weights flipped in (r, s) and
 
 Versions:
   reference: NumPy, one einsum per kernel offset (r, s) over the zero-padded x — the ground truth.
-  cpu:       im2col into a batch-innermost (C·R·S, Ho·Wo·N) matrix (numba, parallel over channels),
+  cpu:       im2col into a batch-innermost (C·R·S, Ho·Wo·N) matrix (a compiled numba loop),
              then one BLAS GEMM per pass; the forward's columns are kept for dW; col2im is the
              matching numba loop of adds. A 1×1 stride-1 conv skips im2col: x is its own column matrix.
   cuda v1:   direct — one thread per y (and per dx) element looping over (c, r, s) (and (k, r, s))
@@ -35,9 +35,8 @@ Versions:
              kernel adds them: deterministic, no atomics) so that enough blocks fill the GPU.
   Both CUDA versions share the bias-gradient kernel: one block per channel, shared-memory tree sum.
 """
-import numba
 import numpy as np
-from numba import float32, njit, prange
+from numba import float32, njit
 
 from ._bench import OpBench, Version
 from ._cuda import array_module, ceil_div, cuda, device_function, kernel
@@ -110,28 +109,23 @@ def conv2d_backward_reference(x, w, dy, stride=1, padding=0):
 # ---- CPU implementation (the engine's `cpu` backend) -------------------------------------------
 # Batch-innermost ("CHWN") columns: with n innermost, each GEMM pass is one large product instead of
 # N small ones, and every im2col/col2im inner loop runs over N contiguous floats. im2col and col2im
-# are numba loops, parallel over channels: each channel's image is first transposed into a small
-# zero-padded (H + 2π, W + 2π, N) scratch that stays in L2, so the transposes to and from NCHW
-# cost no extra pass over memory. Measured on 2 cores at N = 64, C = 32, 28×28, 3×3: im2col 5.4 ms
-# and col2im 2.9 ms, against 15.7 ms and 19.8 ms for the same copies as R·S NumPy strided slices.
-# numba's default threading layer here is OpenMP, whose idle threads spin after each parallel loop and
-# steal the cores from the BLAS GEMM that follows: a training step took 0.99 s with it, 0.85 s with the
-# workqueue layer (threads sleep between loops). A layer the user chose explicitly is left alone.
-if numba.config.THREADING_LAYER == "default":
-    numba.config.THREADING_LAYER = "workqueue"
-
-
+# are compiled numba loops, one channel at a time: each channel's image is first transposed into a
+# small zero-padded (H + 2π, W + 2π, N) scratch that stays in L2, so the transposes to and from NCHW
+# cost no extra pass over memory. Measured at N = 64, C = 32, 28×28, 3×3: col2im 6 ms against
+# 20 ms for the same adds as R·S NumPy strided slices. They are deliberately single-threaded: with
+# numba's parallel=True (prange over channels) they ran about 2x faster still, but the CUDA-simulator
+# tests in the same process then failed now and then (2 cold runs in 8), which we could not explain.
 def _is_pointwise(w, stride, padding):
     """A 1×1, stride-1, unpadded conv is a matrix product per pixel: x itself is its im2col matrix."""
     return w.shape[2] == w.shape[3] == stride == 1 and padding == 0
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _im2col_into(x, stride, padding, cols):
     """cols[c, r, s, i, j, n] = x_pad[n, c, iσ + r, jσ + s]: X̂ as (C, R, S, Ho, Wo, N)."""
     n, c, h, w = x.shape
     kh, kw, out_h, out_w = cols.shape[1], cols.shape[2], cols.shape[3], cols.shape[4]
-    for ci in prange(c):
+    for ci in range(c):
         x_pad = np.zeros((h + 2 * padding, w + 2 * padding, n), cols.dtype)  # channel ci, CHWN
         for b in range(n):
             for i in range(h):
@@ -145,13 +139,13 @@ def _im2col_into(x, stride, padding, cols):
                             cols[ci, r, s, i, j, b] = x_pad[i * stride + r, j * stride + s, b]
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _col2im_into(dcols, stride, padding, dx):
     """The adjoint of _im2col_into: dx_pad[n, c, iσ + r, jσ + s] += dcols[c, r, s, i, j, n], then the
     padding is cropped (windows of neighbouring offsets overlap, so they add)."""
     n, c, h, w = dx.shape
     kh, kw, out_h, out_w = dcols.shape[1], dcols.shape[2], dcols.shape[3], dcols.shape[4]
-    for ci in prange(c):
+    for ci in range(c):
         dx_pad = np.zeros((h + 2 * padding, w + 2 * padding, n), dcols.dtype)  # channel ci, CHWN
         for r in range(kh):
             for s in range(kw):
