@@ -53,3 +53,33 @@ def test_cudasim_dispatches_to_the_cuda_kernels(monkeypatch):
     finally:
         td.set_device("cpu")
     assert calls == [1]
+
+
+def test_simulated_shared_array_is_one_array_per_call_site_under_thread_switches():
+    """numba-cuda's simulator creates a block's shared array with an unlocked check-then-store, so
+    threads arriving together could get private copies; kernels/_cuda.py serialises it. Unpatched,
+    this failed about one trial in ten."""
+    import sys
+    import threading
+
+    from numba import float32
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+
+    import tinyddpm.kernels._cuda  # noqa: F401  (installs the lock)
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(50):
+            shared, got, barrier = FakeCUDAShared(0), [], threading.Barrier(64)
+
+            def grab():
+                barrier.wait()
+                got.append(shared.array((16, 17), float32))  # one call site, as in a kernel
+            threads = [threading.Thread(target=grab) for _ in range(64)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert all(a is got[0] for a in got)
+    finally:
+        sys.setswitchinterval(switch_interval)
