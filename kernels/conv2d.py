@@ -126,8 +126,8 @@ def _im2col_into(x, stride, padding, cols):
     """cols[c, r, s, i, j, n] = x_pad[n, c, iσ + r, jσ + s]: X̂ as (C, R, S, Ho, Wo, N)."""
     n, c, h, w = x.shape
     kh, kw, out_h, out_w = cols.shape[1], cols.shape[2], cols.shape[3], cols.shape[4]
-    for ci in range(c):
-        x_pad = np.zeros((h + 2 * padding, w + 2 * padding, n), cols.dtype)  # channel ci, CHWN
+    x_pad = np.zeros((h + 2 * padding, w + 2 * padding, n), cols.dtype)  # one channel, CHWN
+    for ci in range(c):  # each channel overwrites the interior; the zero border stays
         for b in range(n):
             for i in range(h):
                 for j in range(w):
@@ -146,8 +146,9 @@ def _col2im_into(dcols, stride, padding, dx):
     padding is cropped (windows of neighbouring offsets overlap, so they add)."""
     n, c, h, w = dx.shape
     kh, kw, out_h, out_w = dcols.shape[1], dcols.shape[2], dcols.shape[3], dcols.shape[4]
+    dx_pad = np.empty((h + 2 * padding, w + 2 * padding, n), dcols.dtype)  # one channel, CHWN
     for ci in range(c):
-        dx_pad = np.zeros((h + 2 * padding, w + 2 * padding, n), dcols.dtype)  # channel ci, CHWN
+        dx_pad[:] = 0
         for r in range(kh):
             for s in range(kw):
                 for i in range(out_h):
