@@ -1,19 +1,20 @@
 """`tinyddpm train / sample / trajectory` end to end on the smoke preset, exact resume, Ctrl-C,
-and every bad input a new user might try: one line on stderr, exit code 2."""
+nothing a user made is lost, and every bad input a new user might try: one line on stderr, exit code 2."""
+import os
+import signal
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from tinyddpm import checkpoint, cli, train
+from tinyddpm import checkpoint, cli, diffusion, train
 
 FAST = ["--preset", "smoke", "--batch-size", "8", "--timesteps", "50"]
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no real cache
-    monkeypatch.setenv("TINYDDPM_OFFLINE", "1")          # the embedded subset, never the network
-    monkeypatch.delenv("TINYDDPM_DATA", raising=False)
+pytestmark = pytest.mark.usefixtures("offline")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,9 @@ def bad_inputs(trained, tmp_path):
         "bad learning rate": (["train", "--lr", "abc"], "--lr"),
         "unknown schedule": (["train", "--schedule", "exp"], "exp"),
         "resume without out": (["train", "--resume"], "--resume"),
-        "resume with nothing there": (["train", *FAST, "--resume", "--out", str(tmp_path / "empty")], "does not exist"),
+        "resume with nothing there": (["train", *FAST, "--resume", "--out", str(tmp_path / "empty")], "no checkpoint.npz"),
+        "train into a used directory": (["train", *FAST, "--out", str(trained)], "already holds a run"),
+        "resume and overwrite": (["train", "--resume", "--overwrite", "--out", str(trained)], "--overwrite"),
         "missing checkpoint": (["sample", "--checkpoint", str(tmp_path / "nope.npz")], "does not exist"),
         "corrupt checkpoint": (["sample", "--checkpoint", str(corrupt)], "corrupt"),
         "not a training checkpoint": (["sample", "--checkpoint", str(other)], "not a tinyddpm training checkpoint"),
@@ -102,6 +105,12 @@ def bad_inputs(trained, tmp_path):
         "negative guidance": (["sample", "--checkpoint", ckpt, "--guidance", "-1"], "--guidance"),
         "zero images": (["sample", "--checkpoint", ckpt, "--n", "0"], "--n"),
         "unwritable out": (["sample", "--checkpoint", ckpt, "--out", "/proc/nope/grid.png"], "cannot write"),
+        "unwritable out (root passes os.access)": (["sample", "--checkpoint", ckpt, "--out", "/proc/grid.png"],
+                                                   "cannot write"),
+        "unwritable npz": (["sample", "--checkpoint", ckpt, "--npz", "/proc/s.npz"], "cannot write"),
+        "npz not named .npz": (["sample", "--checkpoint", ckpt, "--npz", str(tmp_path / "s.png")], ".npz"),
+        "out is a directory": (["sample", "--checkpoint", ckpt, "--out", str(tmp_path)], "cannot write"),
+        "unwritable trajectory": (["trajectory", "--checkpoint", ckpt, "--out", "/proc/t.png"], "cannot write"),
         "eta above 1": (["sample", "--checkpoint", ckpt, "--eta", "2"], "--eta"),
         "cuda without a GPU": (["sample", "--checkpoint", ckpt, "--device", "cuda"], "cuda"),
         "no command": ([], "command"),
@@ -115,3 +124,66 @@ def test_bad_inputs_give_one_line_and_exit_2(trained, tmp_path, capsys):
         assert code == 2, name
         assert len(err.splitlines()) == 1 and err.startswith("tinyddpm: error:"), f"{name}: {err!r}"
         assert needle in err, f"{name}: {err!r}"
+
+
+# ---- nothing a user made is lost ---------------------------------------------------------------
+def run_files(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_second_train_into_a_used_directory_stops_and_leaves_the_first_run_alone(trained, capsys, monkeypatch):
+    before = run_files(trained)
+    monkeypatch.setattr(train.Trainer, "train_step", lambda self: pytest.fail("a step ran"))
+    for extra in ([], ["--steps", "8"]):
+        assert cli.main(["train", *FAST, *extra, "--out", str(trained)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(trained) in err and "--resume" in err and "--out" in err
+    assert run_files(trained) == before
+
+
+def test_overwrite_keeps_the_old_checkpoint_until_the_new_run_finishes(tmp_path, monkeypatch):
+    args = [*FAST, "--sample-every", "1000", "--ckpt-every", "1000", "--out", str(tmp_path)]
+    assert cli.main(["train", *args, "--steps", "2"]) == 0
+    old = (tmp_path / "checkpoint.npz").read_bytes()
+    real_step = train.Trainer.train_step
+
+    def interrupted(self):
+        if self.step == 1:
+            raise KeyboardInterrupt
+        return real_step(self)
+    with monkeypatch.context() as m:
+        m.setattr(train.Trainer, "train_step", interrupted)
+        assert cli.main(["train", *args, "--steps", "3", "--overwrite"]) == 130
+    assert (tmp_path / "checkpoint.prev.npz").read_bytes() == old  # the replaced run survives a Ctrl-C
+    assert cli.main(["train", *args, "--steps", "3", "--overwrite"]) == 0
+    assert not (tmp_path / "checkpoint.prev.npz").exists()
+    assert int(checkpoint.load(tmp_path / "checkpoint.npz")["step"]) == 3
+
+
+@pytest.mark.parametrize("flag, path", [("--out", "/proc/grid.png"), ("--npz", "/proc/s.npz"),
+                                        ("--out", "/nonexistent/dir/grid.png")])
+def test_unwritable_output_fails_before_any_sampling_step(trained, monkeypatch, capsys, flag, path):
+    monkeypatch.setattr(diffusion.GaussianDiffusion, "sample", lambda *a, **k: pytest.fail("a sampling step ran"))
+    assert cli.main(["sample", "--checkpoint", str(trained / "checkpoint.npz"), "--n", "2", flag, path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write" in err and path in err
+
+
+def test_ctrl_c_during_sample_writes_the_finished_batches(trained, tmp_path):
+    grid, npz = tmp_path / "g.png", tmp_path / "part.npz"
+    argv = [sys.executable, "-m", "tinyddpm", "sample", "--checkpoint", str(trained / "checkpoint.npz"),
+            "--n", "1000", "--batch-size", "2", "--steps", "20", "--out", str(grid), "--npz", str(npz)]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "sampling images 5-6 " in line:  # batches 1-2 are finished
+            proc.send_signal(signal.SIGINT)
+            break
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, err
+    last = err.strip().splitlines()[-1]
+    with np.load(npz, allow_pickle=False) as f:
+        images, labels = f["images"], f["labels"]
+    n = len(images)
+    assert 4 <= n < 1000 and n % 2 == 0 and f"interrupted: {n} of 1000 images" in last and str(npz) in last
+    np.testing.assert_array_equal(labels, np.resize(np.arange(10), n))
+    assert images.dtype == np.uint8 and Image.open(grid).mode == "L"

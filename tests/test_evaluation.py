@@ -16,11 +16,7 @@ from tinyddpm.evaluation import FeatureStatistics, feature_statistics, frechet_d
 SEEDS = st.integers(0, 2**32 - 1)
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no real cache
-    monkeypatch.setenv("TINYDDPM_OFFLINE", "1")          # the embedded subset, never the network
-    monkeypatch.delenv("TINYDDPM_DATA", raising=False)
+pytestmark = pytest.mark.usefixtures("offline")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +125,8 @@ def test_fid_of_images_against_their_own_statistics_is_zero_and_order_free(shipp
     order = np.random.default_rng(0).permutation(150)
     a = evaluation.evaluate(images[:150], labels[:150], *shipped)
     b = evaluation.evaluate(images[order], labels[order], *shipped)
-    assert dataclasses.astuple(a) == pytest.approx(dataclasses.astuple(b), rel=1e-9)
+    # float32 features of a permuted batch: BLAS may sum in another order (blocking, threads, load)
+    assert dataclasses.astuple(a) == pytest.approx(dataclasses.astuple(b), rel=1e-5)
 
 
 # ---- tinyddpm eval -----------------------------------------------------------------------------

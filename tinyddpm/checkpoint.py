@@ -33,6 +33,21 @@ def _unflatten(flat):
     return tree
 
 
+def check_writable(path):
+    """Raise OSError now if ``path`` could not be written later: make and remove a temp file in its
+    directory, as the atomic writes do. (``os.access`` says yes to root even where the kernel says no,
+    e.g. under /proc, and a failure after an hour of sampling loses the hour.)"""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(21, "is a directory", path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None  # name the user's path, not the temp file's
+    os.close(fd)
+    os.unlink(tmp)
+
+
 def save(path, tree):
     """Write a nested dict of arrays/strings/numbers to ``path`` atomically: temp file in the same
     directory, fsync, then rename over the target (rename is atomic on POSIX)."""

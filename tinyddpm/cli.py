@@ -70,10 +70,23 @@ def parse_labels(text):
     return labels.astype(np.int64)
 
 
-def _writable_file(path):
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-        raise UsageError(f"cannot write {path!r}: directory {directory!r} does not exist or is not writable")
+class SamplingInterrupted(Exception):
+    """Ctrl-C while sampling, carrying the images of the batches that had finished."""
+
+    def __init__(self, images, labels):
+        super().__init__(f"interrupted after {len(images)} images")
+        self.images, self.labels = images, labels
+
+
+def _writable_file(path, suffix):
+    """Fail now, before any slow work, if ``path`` could not be written afterwards."""
+    from .checkpoint import check_writable
+    if not path.lower().endswith(suffix):
+        raise UsageError(f"cannot write {path!r}: the file name must end in {suffix}")
+    try:
+        check_writable(path)
+    except OSError as e:
+        raise UsageError(f"cannot write {path!r}: {e.strerror}") from None
 
 
 def _add_sampling_args(p, checkpoint=None):
@@ -119,7 +132,11 @@ def build_parser():
     t.add_argument("--seed", type=int)
     t.add_argument("--sample-every", type=_int_at_least(1))
     t.add_argument("--ckpt-every", type=_int_at_least(1))
-    t.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.npz")
+    again = t.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.npz")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run in <out> (its checkpoint is kept as checkpoint.prev.npz until "
+                            "the new run finishes)")
 
     s = sub.add_parser("sample", help="sample a grid of digits from a checkpoint")
     _add_sampling_args(s)
@@ -162,11 +179,8 @@ def cmd_train(args):
         if v is not None}
     config = dataclasses.replace(train.TrainConfig(), **{**train.PRESET_DEFAULTS[args.preset], **overrides})
     out = args.out or os.path.join("runs", args.preset)
-    if args.resume and not os.path.isfile(os.path.join(out, "checkpoint.npz")):
-        raise UsageError(f"--resume: there is no checkpoint.npz in {out!r} (it does not exist)")
-    trainer = train.Trainer(config, out, data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr))
-    if args.resume:
-        trainer.resume()
+    trainer = train.Trainer(config, out, data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr),
+                            resume=args.resume, overwrite=args.overwrite)
     try:
         trainer.run()
     except KeyboardInterrupt:
@@ -183,59 +197,77 @@ def _load_for_sampling(args):
 
 
 def cmd_sample(args):
-    from . import pictures
-    _writable_file(args.out)
+    """Sample --n images into a grid (and --npz). Ctrl-C writes the batches finished so far to both."""
+    _writable_file(args.out, ".png")
     if args.npz:
-        _writable_file(args.npz)
+        _writable_file(args.npz, ".npz")
     model, diffusion, config = _load_for_sampling(args)
-    images, labels = _sample_images(args, model, diffusion, config)
-    ncols = 10 if labels is not None and args.n % 10 == 0 else int(np.ceil(np.sqrt(args.n)))
-    pictures.save(pictures.grid(images, ncols), args.out)
-    print(f"wrote {args.out}", file=sys.stderr)
-    if args.npz:
-        from . import checkpoint
-        out_labels = labels if labels is not None else np.full(args.n, -1, dtype=np.int64)
-        checkpoint.save(args.npz, {"images": images, "labels": out_labels.astype(np.int64)})
-        print(f"wrote {args.npz}", file=sys.stderr)
+    try:
+        images, labels = _sample_images(args, model, diffusion, config)
+    except SamplingInterrupted as stop:
+        written = _write_samples(args, stop.images, stop.labels) if len(stop.images) else "nothing"
+        print(f"interrupted: {len(stop.images)} of {args.n} images were finished; wrote {written}", file=sys.stderr)
+        return 130
+    print(f"wrote {_write_samples(args, images, labels)}", file=sys.stderr)
     return 0
+
+
+def _write_samples(args, images, labels):
+    """Write the grid to --out (and images + labels to --npz); return what was written, for the log."""
+    from . import checkpoint, pictures
+    n = len(images)
+    ncols = 10 if labels is not None and n % 10 == 0 else int(np.ceil(np.sqrt(n)))
+    pictures.save(pictures.grid(images, ncols), args.out)
+    if not args.npz:
+        return args.out
+    out_labels = labels if labels is not None else np.full(n, -1, dtype=np.int64)
+    checkpoint.save(args.npz, {"images": images, "labels": out_labels.astype(np.int64)})
+    return f"{args.out} and {args.npz}"
 
 
 def cmd_trajectory(args):
     from . import data, pictures
     from . import device as _dev
     from .tensor import no_grad
-    _writable_file(args.out)
+    _writable_file(args.out, ".png")
     model, diffusion, config = _load_for_sampling(args)
     rng = np.random.default_rng(args.seed)
     label = args.label if args.label is not None else int(rng.integers(10))
     y = np.array([label]) if config.conditional else None
     with no_grad():
-        _, frames = diffusion.sample(model, (1, 1, 28, 28), y=y, guidance=args.guidance, sampler=args.sampler,
+        _, frames = diffusion.sample(model, model.config.image_shape(1), y=y, guidance=args.guidance, sampler=args.sampler,
                                      steps=args.steps if args.sampler == "ddim" else None, eta=args.eta, rng=rng,
                                      return_trajectory=args.frames)
-    images = np.stack([data.from_model_range(_dev.to_numpy(f.data if hasattr(f, "data") else f))[0, 0] for f in frames])
+    images = np.stack([data.from_model_range(_dev.to_numpy(f.data))[0, 0] for f in frames])
     pictures.save(pictures.grid(images, ncols=len(images), scale=3), args.out)
     print(f"wrote {args.out}: {len(images)} frames from x_T to x_0", file=sys.stderr)
     return 0
 
 
 def _sample_images(args, model, diffusion, config):
-    """uint8 images (n, 28, 28) and their labels (None when unconditional), in batches of --batch-size
-    drawn from one generator (so the result depends on --seed alone)."""
+    """uint8 images (n, H, W) and their labels (None when unconditional), in batches of --batch-size
+    drawn from one generator (so the result depends on --seed alone). Ctrl-C raises
+    SamplingInterrupted with the batches finished so far."""
     from . import data
     from . import device as _dev
     from .tensor import no_grad
     labels = np.resize(parse_labels(args.labels), args.n) if config.conditional else None
     rng = np.random.default_rng(args.seed)
-    images = np.empty((args.n, 28, 28), np.uint8)
-    for start in range(0, args.n, args.batch_size):
-        rows = slice(start, min(start + args.batch_size, args.n))
-        print(f"sampling images {rows.start + 1}-{rows.stop} of {args.n}", file=sys.stderr)
-        with no_grad():
-            x = diffusion.sample(model, (rows.stop - rows.start, 1, 28, 28), y=None if labels is None else labels[rows],
-                                 guidance=args.guidance, sampler=args.sampler,
-                                 steps=args.steps if args.sampler == "ddim" else None, eta=args.eta, rng=rng)
-        images[rows] = data.from_model_range(_dev.to_numpy(x.data))[:, 0]
+    images = np.empty((args.n, model.config.image_size, model.config.image_size), np.uint8)
+    done = 0
+    try:
+        for start in range(0, args.n, args.batch_size):
+            rows = slice(start, min(start + args.batch_size, args.n))
+            print(f"sampling images {rows.start + 1}-{rows.stop} of {args.n}", file=sys.stderr)
+            with no_grad():
+                x = diffusion.sample(model, model.config.image_shape(rows.stop - rows.start),
+                                     y=None if labels is None else labels[rows], guidance=args.guidance,
+                                     sampler=args.sampler, steps=args.steps if args.sampler == "ddim" else None,
+                                     eta=args.eta, rng=rng)
+            images[rows] = data.from_model_range(_dev.to_numpy(x.data))[:, 0]
+            done = rows.stop
+    except KeyboardInterrupt:
+        raise SamplingInterrupted(images[:done], None if labels is None else labels[:done]) from None
     return images, labels
 
 
@@ -313,6 +345,9 @@ def main(argv=None):
             from .device import set_device
             set_device(args.device)
         return COMMANDS[args.command](args)
+    except (KeyboardInterrupt, SamplingInterrupted):
+        print("tinyddpm: interrupted", file=sys.stderr)
+        return 130
     except EXPECTED_ERRORS as e:
         if os.environ.get("TINYDDPM_DEBUG"):
             raise

@@ -60,13 +60,35 @@ def build(config):
     return model, ema_model, diffusion
 
 
+class RunExistsError(ValueError):
+    """The output directory already holds a run that starting afresh would overwrite."""
+
+
+def holds_run(out_dir):
+    """Whether ``out_dir`` has anything ``train`` writes (a checkpoint, sample grids, the loss curve)."""
+    return os.path.isdir(out_dir) and any(
+        name in ("checkpoint.npz", "loss.png") or (name.startswith("samples_") and name.endswith(".png"))
+        for name in os.listdir(out_dir))
+
+
 class Trainer:
-    def __init__(self, config, out_dir, data_dir=None, log=print):
+    """One training run in ``out_dir``. A directory that already holds a run is never written over
+    silently: ``resume=True`` continues it; ``overwrite=True`` starts afresh but keeps the old
+    checkpoint as ``checkpoint.prev.npz`` until the new run has finished; otherwise RunExistsError,
+    raised before any work."""
+
+    def __init__(self, config, out_dir, data_dir=None, log=print, resume=False, overwrite=False):
         self.config, self.out_dir, self.log = config, out_dir, log
-        _dev.retain_freed_memory()
+        if resume and not os.path.isfile(self.checkpoint_path):
+            raise checkpoint.CheckpointError(f"--resume: there is no checkpoint.npz in {out_dir!r} to continue")
+        if not resume and not overwrite and holds_run(out_dir):
+            raise RunExistsError(f"{out_dir!r} already holds a run: continue it with --resume --out {out_dir}, "
+                                 f"or train into a new --out (--overwrite replaces it)")
         os.makedirs(out_dir, exist_ok=True)
-        if not os.access(out_dir, os.W_OK):
-            raise PermissionError(f"output directory {out_dir!r} is not writable")
+        checkpoint.check_writable(self.checkpoint_path)
+        if overwrite and not resume and os.path.isfile(self.checkpoint_path):
+            os.replace(self.checkpoint_path, self.previous_checkpoint_path)
+        _dev.retain_freed_memory()
         mnist = data.load_mnist("train", root=data_dir)
         log(f"data: {len(mnist.images)} images from {mnist.source}")
         self.images = data.to_model_range(mnist.images)  # float32 (N, 1, 28, 28) in [-1, 1]
@@ -77,10 +99,17 @@ class Trainer:
         self.ema = optim.EMA(self.model, config.ema_decay)
         self.opt = optim.Adam(self.model.parameters(), lr=config.lr)
         self.step, self.losses = 0, []
+        if resume:
+            self.resume()
 
     @property
     def checkpoint_path(self):
         return os.path.join(self.out_dir, "checkpoint.npz")
+
+    @property
+    def previous_checkpoint_path(self):
+        """Where --overwrite keeps the replaced run's checkpoint until the new run finishes."""
+        return os.path.join(self.out_dir, "checkpoint.prev.npz")
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self):
@@ -132,10 +161,10 @@ class Trainer:
         labels = np.repeat(np.arange(10), n_per_class) if cfg.conditional else None
         n = 10 * n_per_class
         with no_grad():
-            x = self.diffusion.sample(self.ema_model, (n, 1, 28, 28), y=labels, sampler="ddim", steps=cfg.sample_steps,
+            x = self.diffusion.sample(self.ema_model, self.ema_model.config.image_shape(n), y=labels, sampler="ddim", steps=cfg.sample_steps,
                                       guidance=1.0 if cfg.conditional else 0.0, progress=False,
                                       rng=np.random.default_rng(cfg.seed + self.step))
-        pictures.save(pictures.grid(data.from_model_range(_dev.to_numpy(x.data if isinstance(x, Tensor) else x))[:, 0],
+        pictures.save(pictures.grid(data.from_model_range(_dev.to_numpy(x.data))[:, 0],
                                     ncols=n_per_class), path)
 
     def run(self):
@@ -161,6 +190,8 @@ class Trainer:
         bar.close()
         self.save()
         pictures.save(pictures.loss_curve(self.losses), os.path.join(self.out_dir, "loss.png"))
+        if os.path.isfile(self.previous_checkpoint_path):
+            os.remove(self.previous_checkpoint_path)  # the new run is complete: the replaced one can go
         elapsed = time.perf_counter() - t0
         self.log(f"done: {self.step} steps in {elapsed:.0f} s, final loss (mean of last 100) "
                  f"{np.mean(self.losses[-100:]):.4f}; wrote {self.checkpoint_path}, loss.png and sample grids")

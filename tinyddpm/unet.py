@@ -44,6 +44,10 @@ class UNetConfig:
     def to_dict(self):
         return asdict(self)
 
+    def image_shape(self, n):
+        """The shape of a batch of n images, (n, C, H, W)."""
+        return (n, self.in_channels, self.image_size, self.image_size)
+
 
 PRESETS = {
     # proves the pipeline: trains and samples in well under 2 minutes on 2 cores
