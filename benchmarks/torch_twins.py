@@ -16,10 +16,10 @@ class ResBlock(tnn.Module):
         super().__init__()
         cin, cout = block.conv1.weight.shape[1], block.conv1.weight.shape[0]
         self.conv1 = tnn.Conv2d(cin, cout, 3, padding=1)
-        self.norm1 = tnn.GroupNorm(block.groups, cout)
+        self.norm1 = tnn.GroupNorm(block.norm1.num_groups, cout)
         self.emb_proj = tnn.Linear(block.emb_proj.weight.shape[1], cout)
         self.conv2 = tnn.Conv2d(cout, cout, 3, padding=1)
-        self.norm2 = tnn.GroupNorm(block.groups, cout)
+        self.norm2 = tnn.GroupNorm(block.norm2.num_groups, cout)
         self.skip = tnn.Conv2d(cin, cout, 1) if block.skip is not None else None
 
     def forward(self, x, emb_silu):

@@ -80,14 +80,6 @@ def array_module(a):
     return np
 
 
-def xp():
-    """The array module of the current device."""
-    if _device == "cuda":
-        import cupy
-        return cupy
-    return np
-
-
 def kernel_backend(a):
     """Which kernel implementations serve array ``a``: 'cuda' (GPU or simulator) or 'cpu'."""
     return "cuda" if is_cupy(a) or _device == "cudasim" else "cpu"

@@ -131,6 +131,14 @@ class GroupNorm(Module):
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
+class GroupNormSiLU(GroupNorm):
+    """silu(GroupNorm(x) + emb[:, :, None, None]) in one fused kernel (the ResNet block's norm → act,
+    with the time/class embedding added in between). Same parameters as GroupNorm."""
+
+    def forward(self, x, emb=None):
+        return F.group_norm_silu(x, self.num_groups, self.weight, self.bias, emb, self.eps)
+
+
 class LayerNorm(Module):
     def __init__(self, dim, eps=1e-5):
         self.eps = eps

@@ -1,4 +1,5 @@
-"""The noise-prediction U-Net ε_θ(x_t, t, y), built as seed 002 describes it.
+"""The noise-prediction U-Net ε_θ(x_t, t, y) of Ho et al. 2020 ("Denoising Diffusion Probabilistic
+Models", Appendix B), with the blocks the blog post "Diffusion Model原理" (a Stable Diffusion series) draws.
 
 ResNet blocks (conv3×3 → GroupNorm → SiLU, twice, plus a residual), max-pool ×2 down, nearest ×2
 up with skip connections by concatenation, self-attention blocks over pixels (LayerNorm →
@@ -74,18 +75,17 @@ class ResBlock(nn.Module):
 
     def __init__(self, cin, cout, emb_dim, groups, dropout):
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm1 = nn.GroupNorm(groups, cout)
+        self.norm1 = nn.GroupNormSiLU(groups, cout)
         self.emb_proj = nn.Linear(emb_dim, cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, cout)
+        self.norm2 = nn.GroupNormSiLU(groups, cout)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else None
-        self.groups, self.dropout = groups, dropout
+        self.dropout = dropout
 
     def forward(self, x, emb_silu):  # x (N, cin, H, W), emb_silu (N, emb_dim) → (N, cout, H, W)
-        n1, n2 = self.norm1, self.norm2
-        h = F.group_norm_silu(self.conv1(x), self.groups, n1.weight, n1.bias, self.emb_proj(emb_silu), n1.eps)
+        h = self.norm1(self.conv1(x), self.emb_proj(emb_silu))
         h = F.dropout(h, self.dropout, self.training)
-        h = F.group_norm_silu(self.conv2(h), self.groups, n2.weight, n2.bias, None, n2.eps)
+        h = self.norm2(self.conv2(h))
         return h + (self.skip(x) if self.skip is not None else x)
 
 
