@@ -132,8 +132,8 @@ class GroupNorm(Module):
 
 
 class GroupNormSiLU(GroupNorm):
-    """silu(GroupNorm(x) + emb[:, :, None, None]) in one fused kernel (the ResNet block's norm → act,
-    with the time/class embedding added in between). Same parameters as GroupNorm."""
+    """silu(GroupNorm(x)) + emb[:, :, None, None] in one fused kernel (the ResNet block's norm → act,
+    then the time/class embedding added). Same parameters as GroupNorm."""
 
     def forward(self, x, emb=None):
         return F.group_norm_silu(x, self.num_groups, self.weight, self.bias, emb, self.eps)
