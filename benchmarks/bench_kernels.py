@@ -1,139 +1,109 @@
 """Validate every version of every kernel against its NumPy reference, then time it (llm.c dev/cuda style).
 
-    python benchmarks/bench_kernels.py [conv2d|group_norm|attention] [--device cpu|cuda] [--sim] [--compile-only]
+    python benchmarks/bench_kernels.py [op ...] [--version NAME] [--device cpu|cuda] [--sim] [--compile-only] [--list]
 
---device cpu   the NumPy reference vs the CPU implementations (+ PyTorch CPU when installed)
---device cuda  every CUDA version on CuPy arrays, timed with CUDA events, with % of the GPU's peak
---sim          only validate, every version, in numba's CUDA simulator on tiny shapes (no GPU needed)
+op             any of tinyddpm.kernels.OPS (default: all)
+--version NAME only this row of each op's version table (reference, cpu, cuda_v1, cuda_v2, ...)
+--device cpu   the NumPy reference vs the CPU versions (+ PyTorch CPU when installed)
+--device cuda  every CUDA version on CuPy arrays: --repeats back-to-back launches between two CUDA events,
+               per-launch time, a launch-overhead row (an empty kernel with as many array arguments),
+               and % of the peak measured in the same run (CuPy matmul FLOP/s, device-copy bandwidth)
+--sim          only validate, in numba's CUDA simulator on tiny shapes (no GPU needed)
 --compile-only only compile every kernel to PTX and print registers / shared memory
+--list         print each op's version table: the idea of each version and the command that runs it
 Shapes default to the `tiny` U-Net preset at batch 64 (each kernel module's BENCH.shapes).
 """
 import argparse
 import os
 import statistics
 import sys
-import time
 
-OPS = ("conv2d", "group_norm", "attention")
+from _common import empty_kernel, measured_peak, median_time, time_launches
+
+from tinyddpm.kernels import OPS, load_bench
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="tinyddpm kernel harness")
     p.add_argument("ops", nargs="*", metavar="op", help=f"any of {', '.join(OPS)} (default: all)")
+    p.add_argument("--version", help="only this version (a name from --list)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--sim", action="store_true", help="validate in the CUDA simulator only")
     p.add_argument("--compile-only", action="store_true", help="only compile every kernel to PTX")
+    p.add_argument("--list", action="store_true", help="print every version and how to run it")
     p.add_argument("--repeats", type=int, default=10, help="timed repeats (median reported)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     unknown = set(args.ops) - set(OPS)
     if unknown:
         p.error(f"unknown op {sorted(unknown)[0]!r}: choose from {', '.join(OPS)}")
     args.ops = args.ops or list(OPS)
-    return args
-
-
-def _to_numpy(a):
-    return a.get() if hasattr(a, "get") else a
-
-
-def validate(bench, version, case):
-    """Raise AssertionError unless ``version`` matches the reference on ``case``."""
-    import numpy as np
-    want = bench.reference(case, version.direction)
-    got = version.run(case)
-    for i, (g, w) in enumerate(zip(got, want)):
-        if g is None and w is None:
-            continue
-        np.testing.assert_allclose(_to_numpy(g), w, rtol=bench.rtol, atol=bench.atol,
-                                   err_msg=f"{bench.name} {version.name} {version.direction} output {i}")
-
-
-def time_cpu(fn, repeats):
-    fn()  # warm-up (and numba compilation, if any)
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
-
-
-def time_cuda(fn, repeats):
-    import cupy
-    fn()
-    cupy.cuda.Device().synchronize()
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    samples = []
-    for _ in range(repeats):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        samples.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
-    return statistics.median(samples)
-
-
-def gpu_peak():
-    """(FP32 FLOP/s, DRAM bytes/s) of the current GPU from its attributes: SMs × clock × 128 FP32
-    lanes × 2 (FMA), and 2 × memory clock × bus width (DDR)."""
-    import cupy
-    attr = cupy.cuda.runtime.deviceGetAttribute
-    dev = cupy.cuda.Device().id
-    sms, clock_khz = attr(cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, dev), attr(13, dev)
-    mem_khz, bus_bits = attr(36, dev), attr(37, dev)  # cudaDevAttrMemoryClockRate, GlobalMemoryBusWidth
-    return sms * clock_khz * 1e3 * 128 * 2, 2 * mem_khz * 1e3 * bus_bits / 8
+    return args, p.error
 
 
 def shape_label(shape):
     return ",".join(f"{k}{v}" if k not in ("stride", "padding") else f"{k[0]}{v}" for k, v in shape.items())
 
 
-def op_benches(name):
-    """The module's BENCH and the extra ones it describes (e.g. the fused group norm + SiLU)."""
-    import importlib
-    bench = importlib.import_module(f"tinyddpm.kernels.{name}").BENCH
-    return [bench] + list(bench.extra.values())
+def print_versions(bench, versions):
+    print(bench.name)
+    for v in versions:
+        print(f"  {v.name:10s} {v.idea}\n  {'':10s} {v.command(bench.name)}")
 
 
-def run_bench(bench, args):
+def validate_in_simulator(bench, versions):
     import numpy as np
-    name = bench.name
-    if args.sim:
-        for shape in bench.sim_shapes:
-            case = bench.make_case(shape, np, 0)
-            for v in bench.versions:
-                validate(bench, v, case)
-                print(f"{name:11s} {v.name:12s} {v.direction:8s} {shape_label(shape):32s} ok (simulator)")
-        return
 
+    from tinyddpm.kernels._bench import validate
+    for shape in bench.sim_shapes:
+        case = bench.make_case(shape, np, 0)
+        for v in versions:
+            for direction in v.directions:
+                validate(bench, v, direction, case)
+                print(f"{bench.name:15s} {v.name:10s} {direction:8s} {shape_label(shape):32s} ok (simulator)")
+
+
+def run_bench(bench, versions, args):
+    import numpy as np
+
+    from tinyddpm.kernels._bench import DIRECTIONS, to_host, validate
     on_gpu = args.device == "cuda"
     if on_gpu:
         import cupy as xp
-        peak_flops, peak_bw = gpu_peak()
+        peak_flops, peak_bw = measured_peak()
+        print(f"measured peak: {peak_flops / 1e12:.1f} TFLOP/s (CuPy sgemm 8192³), {peak_bw / 1e9:.0f} GB/s (device copy)")
+
+        def timer(fn, repeats):  # per launch, over `repeats` back-to-back launches between two events
+            return time_launches(fn, repeats, on_gpu=True)
     else:
-        xp = np
-    timer = time_cuda if on_gpu else time_cpu
-    backends = ("cuda",) if on_gpu else ("cpu",)
-    torch_twin = _torch_twin(name, on_gpu)
-    print(f"\n## {name} ({'GPU' if on_gpu else 'CPU'}), median of {args.repeats}")
+        xp, timer = np, median_time
+    torch_twin = _torch_twin(bench.name, on_gpu)
+    how = f"per launch over {args.repeats} back-to-back launches" if on_gpu else f"median of {args.repeats}"
+    print(f"\n## {bench.name} ({'GPU' if on_gpu else 'CPU'}), {how}")
     cols = "| version | pass | shape | ms | GFLOP/s | GB/s | vs reference |" + (" % peak |" if on_gpu else "")
     print(cols)
     print("|" + "---|" * (cols.count("|") - 1))
     for shape in bench.shapes:
         case = bench.make_case(shape, xp, 0)
-        host_case = {k: _to_numpy(v) for k, v in case.items()}  # the reference always runs on the host
-        for direction in ("forward", "backward"):
+        host_case = {k: to_host(v) for k, v in case.items()}  # the reference always runs on the host
+        for direction in DIRECTIONS:
             flops, nbytes = bench.flops(shape, direction), bench.bytes(shape, direction)
-            ref_time = time_cpu(lambda: bench.reference(host_case, direction), max(1, args.repeats // 3))
-            rows = [("numpy reference", ref_time, "")]
-            for v in bench.versions:
-                if v.direction != direction or v.backend not in backends or v.name == "reference":
+            ref_time = median_time(lambda: bench.reference(host_case, direction), max(1, args.repeats // 3))
+            rows = [("numpy reference", ref_time)]
+            for v in versions:
+                if direction not in v.directions or v.backend != args.device or v.name == "reference":
                     continue
-                validate(bench, v, case)  # never time a version that gives wrong answers
-                rows.append((v.name, timer(lambda: v.run(case), args.repeats), v.idea))
+                validate(bench, v, direction, case, bench.atol_at(shape))  # never time a wrong version
+                rows.append((v.name, timer(lambda: v.run(direction, case), args.repeats)))
             if torch_twin is not None:
-                rows.append(("pytorch", torch_twin(case, direction, timer, args.repeats), ""))
-            for label, seconds, _ in rows:
+                rows.append(("pytorch", torch_twin(case, direction, timer, args.repeats)))
+            if on_gpu:  # what any kernel with as many array arguments pays before doing work
+                arrays = [a for a in case.values() if hasattr(a, "shape")]
+                empty = empty_kernel(len(arrays))
+                rows.append(("empty kernel (launch overhead)", timer(lambda: empty[1, 32](*arrays), args.repeats)))
+            for label, seconds in rows:
+                if label.startswith("empty kernel"):
+                    print(f"| {label} | {direction} | {shape_label(shape)} | {seconds * 1e3:.3f} | - | - | - | - |")
+                    continue
                 line = (f"| {label} | {direction} | {shape_label(shape)} | {seconds * 1e3:.3f} | "
                         f"{flops / seconds / 1e9:.1f} | {nbytes / seconds / 1e9:.1f} | {ref_time / seconds:.1f}x |")
                 if on_gpu:
@@ -154,16 +124,32 @@ def _torch_twin(name, on_gpu):
     return torch_twins.op_timer(name, torch, on_gpu)
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args, error = parse_args(argv)
     if args.sim:
-        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # before numba.cuda is imported
+        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # before load_bench imports numba.cuda
     if args.compile_only:
         from tinyddpm.kernels import ptx
         return ptx.main(["--resources"])
-    for name in args.ops:
-        for bench in op_benches(name):
-            run_bench(bench, args)
+    selected = []  # (bench, its versions to run)
+    for bench in map(load_bench, args.ops):
+        versions = [v for v in bench.versions if args.version in (None, v.name)]
+        if versions:
+            selected.append((bench, versions))
+        else:
+            print(f"{bench.name}: no version {args.version}, skipped")
+    if not selected:
+        error(f"no version {args.version!r} in {', '.join(args.ops)}: see --list")
+    backend = selected[0][1][0].backend
+    if args.version and not (args.sim or args.list) and backend != args.device:
+        error(f"version {args.version} runs on --device {backend}" + (" (or --sim)" if backend == "cuda" else ""))
+    for bench, versions in selected:
+        if args.list:
+            print_versions(bench, versions)
+        elif args.sim:
+            validate_in_simulator(bench, versions)
+        else:
+            run_bench(bench, versions, args)
     return 0
 
 

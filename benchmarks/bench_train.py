@@ -1,10 +1,15 @@
-"""Training-step and DDIM-sampling throughput of a preset's U-Net, side by side with PyTorch CPU.
+"""Training-step and DDIM-sampling throughput of a preset's U-Net, side by side with PyTorch.
 
-    python benchmarks/bench_train.py [--preset tiny] [--batch-size 64] [--steps 5] [--ddim-steps 10]
+    python benchmarks/bench_train.py [--preset tiny] [--device cpu|cuda|cudasim] [--batch-size 16 64 256]
+                                     [--rounds 5] [--steps 2] [--ddim-steps 10]
 
-When PyTorch is installed, a twin of the same U-Net (benchmarks/torch_twins.py) gets the same weights;
+With PyTorch installed, a twin of the same U-Net (benchmarks/torch_twins.py) gets the same weights;
 its outputs and every parameter gradient must agree with tinyddpm's (relative 1e-4) before anything
-is timed. Each framework is then timed in its own process, so peak memory (max RSS) is its own.
+is timed. Each framework runs in a worker process of its own (so peak memory is its own), and the
+parent alternates them round by round (A B, B A, ...) so that background load hits both alike; each
+row is the median over the rounds. The first step (kernel compilation, allocator warm-up) is reported
+apart from the steady state, every timed region ends with a device synchronisation, and the machine's
+sgemm rate is measured in the same run so each framework's GFLOP/s can be read as a % of it.
 """
 import argparse
 import multiprocessing as mp
@@ -17,110 +22,214 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import median_time  # noqa: E402  (benchmarks/_common.py, found through the line above)
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="tiny", choices=("smoke", "tiny", "base"))
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=5, help="timed training steps (median reported)")
-    p.add_argument("--ddim-steps", type=int, default=10, help="DDIM steps of the timed sampling run")
-    return p.parse_args()
+    p.add_argument("--preset", default="tiny", choices=("sim", "smoke", "tiny", "base"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "cudasim"))
+    p.add_argument("--batch-size", type=int, nargs="+", default=[64], help="one table row per batch size")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds per batch size (median reported)")
+    p.add_argument("--steps", type=int, default=2, help="training steps timed per round")
+    p.add_argument("--ddim-steps", type=int, default=10, help="DDIM steps of each timed sampling run")
+    p.add_argument("--no-torch", action="store_true", help="time tinyddpm alone even if PyTorch is installed")
+    return p.parse_args(argv)
 
 
+# ---- the device ----------------------------------------------------------------------------------------
+def synchronize(device):
+    """Wait for the GPU to finish queued work, so a timed region ends when its work does."""
+    if device == "cuda":
+        import cupy
+        cupy.cuda.get_current_stream().synchronize()
+        if "torch" in sys.modules:
+            sys.modules["torch"].cuda.synchronize()
+
+
+def timed(fn, device):
+    """Seconds one call of fn takes, synchronised at both ends."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+def sgemm_gflops(device, n=2048):
+    """The machine's float32 matmul rate (GFLOP/s) on an n×n×n product: the roof the U-Net is read against."""
+    if device == "cuda":
+        import cupy as xp
+    else:
+        xp = np
+    a = xp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+    seconds = median_time(lambda: timed(lambda: a @ a, device), 5)
+    return 2 * n ** 3 / seconds / 1e9
+
+
+def thread_settings():
+    """What decides CPU parallelism: the environment, BLAS (through threadpoolctl when installed), numba."""
+    import numba
+    env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                                       "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER") if k in os.environ}
+    parts = [f"env {env or 'unset'}", f"numba {numba.config.NUMBA_NUM_THREADS} threads "
+             f"(layer {numba.config.THREADING_LAYER})"]
+    try:
+        from threadpoolctl import threadpool_info
+        parts += [f"{p['internal_api']} {p['num_threads']} threads" for p in threadpool_info()]
+    except ImportError:
+        parts.append("BLAS threads: install threadpoolctl to see them")
+    return "; ".join(parts)
+
+
+# ---- one framework in its own process ----------------------------------------------------------------
 def make_model_and_batch(preset, batch_size):
     import tinyddpm as td
-    from tinyddpm.unet import PRESETS, UNet
+    from tinyddpm.train import PRESETS
+    from tinyddpm.unet import UNet
     td.random.manual_seed(0)
-    model = UNet(PRESETS[preset])
+    model = UNet(PRESETS[preset].unet)
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch_size, 1, 28, 28)).astype(np.float32)
+    x = rng.standard_normal(model.config.image_shape(batch_size)).astype(np.float32)
     t = rng.integers(0, 1000, batch_size)
     y = rng.integers(0, 10, batch_size)
     upstream = rng.standard_normal(x.shape).astype(np.float32)
     return model, x, t, y, upstream
 
 
-def median_time(fn, repeats):
-    fn()  # warm-up
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
-
-
-def run_framework(framework, args, queue):
-    """Child process: (train img/s, sampling img/s, peak RSS MiB) for one framework."""
+def forward_flops(model, x, t, y):
+    """Multiply-adds ×2 of one forward pass: every conv2d, linear and attention product (the work a
+    training step does ≈ 3× this: forward, backward-data, backward-weight)."""
     import tinyddpm as td
-    td.device.retain_freed_memory()  # as `tinyddpm train` does; the same malloc setting for both
-    from tinyddpm import optim
-    from tinyddpm.diffusion import GaussianDiffusion
-    from tinyddpm.schedules import get_betas
-    model, x, t, y, _ = make_model_and_batch(args.preset, args.batch_size)
-    target = np.zeros_like(x)
-    if framework == "tinyddpm":
-        opt = optim.Adam(model.parameters(), lr=1e-4)
-        xt = td.Tensor(x)
+    from tinyddpm import functional as F
+    total, originals = [0], {name: getattr(F, name) for name in ("conv2d", "linear", "scaled_dot_product_attention")}
 
-        def step():
-            loss = td.functional.mse_loss(model(xt, t, y), target)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        sampler_model = model
-    else:
-        import torch
-        import torch_twins
-        twin = torch_twins.UNet(model)
-        opt = torch.optim.Adam(twin.parameters(), lr=1e-4)
-        xt, target_t = torch.from_numpy(x), torch.from_numpy(target)
+    def conv2d(x, w, b=None, stride=1, padding=0):
+        y = originals["conv2d"](x, w, b, stride, padding)
+        total[0] += 2 * y.data.size * int(np.prod(w.shape[1:]))
+        return y
 
-        def step():
-            loss = torch.nn.functional.mse_loss(twin(xt, t, y), target_t)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        sampler_model = TorchAsTinyddpm(twin)
-    step_time = median_time(step, args.steps)
-    diffusion = GaussianDiffusion(get_betas("linear", 1000))
+    def linear(x, w, b=None):
+        total[0] += 2 * (x.data.size // x.shape[-1]) * w.shape[0] * w.shape[1]
+        return originals["linear"](x, w, b)
 
-    def sample():
+    def attention(q, k, v, *args, **kwargs):
+        total[0] += 4 * q.data.size * k.shape[-2]  # QKᵀ and PV
+        return originals["scaled_dot_product_attention"](q, k, v, *args, **kwargs)
+    F.conv2d, F.linear, F.scaled_dot_product_attention = conv2d, linear, attention
+    try:
         with td.no_grad():
-            diffusion.sample(sampler_model, x.shape, y=y, sampler="ddim", steps=args.ddim_steps, progress=False,
-                             rng=np.random.default_rng(0))
-    sample_time = median_time(sample, 2)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put((args.batch_size / step_time, args.batch_size * args.ddim_steps / sample_time, peak_mib))
+            model(td.Tensor(td.device.to_device(x)), t, y)
+    finally:
+        for name, fn in originals.items():
+            setattr(F, name, fn)
+    return total[0]
+
+
+class Worker:
+    """Builds one framework's model for a batch size and times its steps on request."""
+
+    def __init__(self, framework, args):
+        import tinyddpm as td
+        self.framework, self.args = framework, args
+        if args.device != "cpu" and framework == "tinyddpm":
+            td.set_device(args.device)
+        td.device.retain_freed_memory()  # as `tinyddpm train` does; the same malloc setting for both
+
+    def setup(self, batch_size):
+        """Build the model and batch; return (first training step s, first sampling run s, forward FLOPs)."""
+        import tinyddpm as td
+        from tinyddpm import optim
+        from tinyddpm.diffusion import GaussianDiffusion
+        from tinyddpm.schedules import get_betas
+        args, device = self.args, self.args.device
+        model, x, t, y, _ = make_model_and_batch(args.preset, batch_size)
+        flops = forward_flops(model, x, t, y)
+        if self.framework == "tinyddpm":
+            opt, xt = optim.Adam(model.parameters(), lr=1e-4), td.Tensor(td.device.to_device(x))
+            target = td.device.to_device(np.zeros_like(x))
+
+            def step():
+                loss = td.functional.mse_loss(model(xt, t, y), target)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            sampler_model = model
+        else:
+            import torch
+            import torch_twins
+            twin = torch_twins.UNet(model).to("cuda" if device == "cuda" else "cpu")
+            opt = torch.optim.Adam(twin.parameters(), lr=1e-4)
+            xt = torch.from_numpy(x).to(next(twin.parameters()).device)
+            target = torch.zeros_like(xt)
+
+            def step():
+                loss = torch.nn.functional.mse_loss(twin(xt, t, y), target)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            sampler_model = TorchAsTinyddpm(twin)
+        diffusion = GaussianDiffusion(get_betas("linear", 1000))
+
+        def sample():
+            with td.no_grad():
+                diffusion.sample(sampler_model, x.shape, y=y, sampler="ddim", steps=args.ddim_steps, progress=False,
+                                 rng=np.random.default_rng(0))
+        self.step, self.sample = step, sample
+        return timed(step, device), timed(sample, device), flops
+
+    def train(self):
+        """Median seconds of --steps training steps."""
+        return statistics.median(timed(self.step, self.args.device) for _ in range(self.args.steps))
+
+    def sampling(self):
+        return timed(self.sample, self.args.device)
+
+    def info(self):
+        """(peak RSS MiB, this process's threads)."""
+        threads = thread_settings()
+        if self.framework == "pytorch":
+            import torch
+            threads = f"torch {torch.__version__}: {torch.get_num_threads()} intra-op threads"
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, threads
+
+
+def serve(framework, args, conn):
+    """Worker process: answer (method, argument) requests until told to stop."""
+    worker = Worker(framework, args)
+    while (request := conn.recv()) is not None:
+        method, argument = request
+        conn.send(getattr(worker, method)(*argument))
 
 
 class TorchAsTinyddpm:
-    """The model protocol of tinyddpm.diffusion over a PyTorch twin (NumPy in, Tensor out)."""
+    """The model protocol of tinyddpm.diffusion over a PyTorch twin (arrays in, Tensor out)."""
 
     def __init__(self, twin):
         self.twin, self.num_classes = twin, twin.num_classes
+        self.device = next(twin.parameters()).device
 
     def __call__(self, x, t, y=None):
         import torch
 
         import tinyddpm as td
         with torch.no_grad():
-            return td.Tensor(self.twin(torch.from_numpy(x.data), t, y).numpy())
+            out = self.twin(torch.as_tensor(x.data, device=self.device), t, y)
+        return td.Tensor(out.cpu().numpy())  # the sampler's arithmetic runs in NumPy in this process
 
 
 def check_twin_agrees(args):
-    """Outputs and every parameter gradient of the PyTorch twin equal tinyddpm's (relative 1e-4)."""
+    """Outputs and every parameter gradient of the PyTorch twin equal tinyddpm's (relative 1e-4), on the CPU."""
     import torch
     import torch_twins
 
     import tinyddpm as td
-    model, x, t, y, upstream = make_model_and_batch(args.preset, min(args.batch_size, 8))
+    model, x, t, y, upstream = make_model_and_batch(args.preset, min(args.batch_size[0], 8))
     twin = torch_twins.UNet(model)
     ours = model(td.Tensor(x), t, y)
-    (ours * upstream[: len(x)]).sum().backward()
+    (ours * upstream).sum().backward()
     theirs = twin(torch.from_numpy(x), t, y)
-    (theirs * torch.from_numpy(upstream[: len(x)])).sum().backward()
+    (theirs * torch.from_numpy(upstream)).sum().backward()
 
     def rel(a, b):
         return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
@@ -134,33 +243,70 @@ def check_twin_agrees(args):
     return worst
 
 
-def main():
-    args = parse_args()
-    try:
-        import torch
-        frameworks = ["tinyddpm", "pytorch"]
-    except ImportError:
-        frameworks = ["tinyddpm"]
-    print(f"preset {args.preset}, batch {args.batch_size}, {os.cpu_count()} CPU cores"
-          + (f", torch {torch.__version__} ({torch.get_num_threads()} threads)" if len(frameworks) > 1 else
-             " (PyTorch not installed: no side-by-side)"))
-    if len(frameworks) > 1:
+# ---- the parent: alternate, then tabulate ---------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    frameworks = ["tinyddpm"]
+    if not args.no_torch and args.device != "cudasim":
+        try:
+            import torch  # noqa: F401
+            frameworks.append("pytorch")
+        except ImportError:
+            print("PyTorch not installed: tinyddpm alone, no side-by-side")
+    print(f"preset {args.preset}, device {args.device}, batch sizes {args.batch_size}, {os.cpu_count()} CPU cores; "
+          f"{args.rounds} alternating rounds of {args.steps} steps and one {args.ddim_steps}-step DDIM run each")
+    print(f"parent threads: {thread_settings()}")
+    if "pytorch" in frameworks:
         print(f"PyTorch twin agrees: outputs and all gradients within relative {check_twin_agrees(args):.1e}")
+    peak = sgemm_gflops(args.device)
     ctx = mp.get_context("spawn")
-    results = {}
+    pipes, procs = {}, []
     for name in frameworks:
-        queue = ctx.Queue()
-        proc = ctx.Process(target=run_framework, args=(name, args, queue))
-        proc.start()
-        results[name] = queue.get()
+        parent_end, child_end = ctx.Pipe()
+        procs.append(ctx.Process(target=serve, args=(name, args, child_end)))
+        procs[-1].start()
+        pipes[name] = parent_end
+
+    def ask(name, method, *argument):
+        pipes[name].send((method, argument))
+        return pipes[name].recv()
+
+    rows = []
+    for batch in args.batch_size:
+        first = {name: ask(name, "setup", batch) for name in frameworks}
+        train, sample = {n: [] for n in frameworks}, {n: [] for n in frameworks}
+        for r in range(args.rounds):
+            order = frameworks if r % 2 == 0 else frameworks[::-1]
+            for name in order:
+                train[name].append(ask(name, "train"))
+            for name in order:
+                sample[name].append(ask(name, "sampling"))
+        for name in frameworks:
+            step_s, sample_s = statistics.median(train[name]), statistics.median(sample[name])
+            first_step, first_sample, flops = first[name]
+            rows.append((name, batch, first_step, first_sample, batch / step_s, batch * args.ddim_steps / sample_s,
+                         3 * flops / step_s / 1e9, args.ddim_steps * flops / sample_s / 1e9))
+    infos = {name: ask(name, "info") for name in frameworks}
+    for name in frameworks:
+        pipes[name].send(None)
+    for proc in procs:
         proc.join()
-    print("\n| framework | train img/s | DDIM sampling img·steps/s | peak RSS MiB |")
-    print("|---|---|---|---|")
-    for name, (train, sample, peak) in results.items():
-        print(f"| {name} | {train:.1f} | {sample:.1f} | {peak:.0f} |")
-    if len(results) > 1:
-        (a, b, _), (c, d, _) = results["tinyddpm"], results["pytorch"]
-        print(f"\ntinyddpm / PyTorch: training {a / c:.2f}x, sampling {b / d:.2f}x (1.00x = parity)")
+    peak = max(peak, sgemm_gflops(args.device))  # the better of two readings, one before and one after
+
+    print(f"\nsgemm 2048³ on {args.device}: {peak:.0f} GFLOP/s (the roof below)")
+    for name, (rss, threads) in infos.items():
+        print(f"{name}: peak RSS {rss:.0f} MiB; {threads}")
+    print("\n| framework | batch | first step s | first sampling s | train img/s | DDIM img·steps/s "
+          "| train GFLOP/s (% sgemm) | sampling GFLOP/s (% sgemm) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, batch, s1, d1, img_s, samp, gf_train, gf_samp in rows:
+        print(f"| {name} | {batch} | {s1:.2f} | {d1:.2f} | {img_s:.1f} | {samp:.1f} | {gf_train:.1f} "
+              f"({100 * gf_train / peak:.0f}%) | {gf_samp:.1f} ({100 * gf_samp / peak:.0f}%) |")
+    if len(frameworks) > 1:
+        by = {(name, batch): (img_s, samp) for name, batch, _, _, img_s, samp, _, _ in rows}
+        for batch in args.batch_size:
+            (a, b), (c, d) = by["tinyddpm", batch], by["pytorch", batch]
+            print(f"batch {batch}: tinyddpm / PyTorch: training {a / c:.2f}x, sampling {b / d:.2f}x (1.00x = parity)")
 
 
 if __name__ == "__main__":

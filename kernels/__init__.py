@@ -1,6 +1,21 @@
-"""Hand-written kernels, one module per heavy op (imported as ``tinyddpm.kernels``).
+"""Hand-written kernels, one module per op (imported as ``tinyddpm.kernels``).
 
-Each module reads top to bottom: the math and the NumPy reference (ground truth), the CPU
-implementation the engine uses, CUDA versions 1..N (numba.cuda), then the launchers and its
-``BENCH`` description for ``benchmarks/bench_kernels.py``.
+Each op module reads top to bottom: the math, the NumPy reference (ground truth), the CPU
+implementation the engine uses, CUDA versions 1..N (numba.cuda kernels ``<op>_<pass>_v<N>``), their
+launchers, and last its version table VERSIONS inside its ``BENCH`` (kernels/_bench.py), which the
+harness benchmarks/bench_kernels.py, the PTX build (kernels/ptx.py) and the tests all read.
+Shared code has one home: kernels/_cuda.py (launch plumbing, block reductions), kernels/_bench.py.
 """
+import importlib
+
+# Every op, named as its module here.
+OPS = ("conv2d", "group_norm", "group_norm_silu", "attention")
+
+
+def load_bench(op):
+    """kernels/<op>.py's BENCH. Imported only when asked for: a kernel module imports numba.cuda, and
+    numba chooses the simulator or the driver at that first import, so it must follow
+    tinyddpm.set_device (or NUMBA_ENABLE_CUDASIM)."""
+    if op not in OPS:
+        raise ValueError(f"no kernel op {op!r}: the ops are {', '.join(OPS)}")
+    return importlib.import_module(f"{__name__}.{op}").BENCH

@@ -1,4 +1,5 @@
-"""CUDA plumbing shared by the kernel files.
+"""CUDA plumbing shared by the kernel files: kernel registration, launch helpers and the device code
+more than one op uses (block reductions, the column sum of two-stage reductions).
 
 numba decides when ``numba.cuda`` is first imported whether it is the real driver or the CPU
 simulator (``NUMBA_ENABLE_CUDASIM=1``), so the choice must be made before this module loads.
@@ -10,9 +11,12 @@ import threading
 
 import numba
 import numpy as np
-from numba import cuda
+from numba import cuda, float32
 
 SIMULATED = bool(numba.config.ENABLE_CUDASIM)
+
+# float32 constants: a Python float literal in a kernel would promote its arithmetic to float64.
+ZERO, HALF, ONE = float32(0), float32(0.5), float32(1)
 
 
 def _make_simulated_shared_arrays_thread_safe():
@@ -40,8 +44,29 @@ def _make_simulated_shared_arrays_thread_safe():
     FakeCUDAShared.array = array
 
 
+def _pin_this_module_during_simulated_launches():
+    """The simulator resolves ``cuda.threadIdx`` in Python by swapping a fake ``cuda`` module into the
+    globals of the function it runs, counted per module: swapped on the first entry, the real module
+    restored when the count drops back to 0. The device functions below live in this module, not in
+    the kernels' modules (whose swap lasts the whole launch), so this module is swapped and restored
+    over and over within a launch, and once in a while a thread saw the real module here
+    (``module 'numba.cuda' has no attribute 'threadIdx'`` in block_reduce). Swapping this module too
+    for the whole launch keeps the count above 0 until every thread is done."""
+    from contextlib import contextmanager
+
+    from numba.cuda.simulator import kernel as simulated
+    swap = simulated.swapped_cuda_module
+
+    @contextmanager
+    def swap_with_this_module(fn, fake_cuda_module):
+        with swap(fn, fake_cuda_module), swap(ceil_div, fake_cuda_module):  # any function of this module
+            yield
+    simulated.swapped_cuda_module = swap_with_this_module
+
+
 if SIMULATED:
     _make_simulated_shared_arrays_thread_safe()
+    _pin_this_module_during_simulated_launches()
 
 # (qualified name, python function, signature) of every kernel, for compile_ptx in CI.
 PTX_KERNELS = []
@@ -62,6 +87,7 @@ def device_function(fn):
     return cuda.jit(device=True, inline="always")(fn)
 
 
+# ---- launch plumbing (host side) -------------------------------------------------------------
 def array_module(a):
     """NumPy for NumPy arrays (the simulator), CuPy for CuPy arrays (a real GPU)."""
     if isinstance(a, np.ndarray):
@@ -72,3 +98,73 @@ def array_module(a):
 
 def ceil_div(a, b):
     return -(-a // b)
+
+
+def require_float32(op, **arrays):
+    """Raise one ValueError naming every argument that is not a C-contiguous float32 array."""
+    bad = [name for name, a in arrays.items() if a.dtype != np.float32 or not a.flags.c_contiguous]
+    if bad:
+        raise ValueError(f"{op} CUDA kernels need C-contiguous float32 arrays: {', '.join(bad)} "
+                         f"{'is' if len(bad) == 1 else 'are'} not")
+
+
+# ---- shared device code ----------------------------------------------------------------------
+@device_function
+def unravel(idx, a):
+    """(i0, i1, i2, i3) such that a[i0, i1, i2, i3] is element idx of the C-ordered 4-D array a."""
+    i3 = idx % a.shape[3]
+    idx //= a.shape[3]
+    i2 = idx % a.shape[2]
+    idx //= a.shape[2]
+    return idx // a.shape[1], idx % a.shape[1], i2, i3
+
+
+@device_function
+def block_reduce(buf, value, take_max):
+    """max (take_max) or Σ of `value` over the block's threads, returned to every thread: a
+    shared-memory tree of log2(blockDim) halving steps (blockDim a power of two, buf that long).
+    take_max is a constant at each call site, so the inlined branch folds away."""
+    tid = cuda.threadIdx.x
+    buf[tid] = value
+    cuda.syncthreads()
+    half = cuda.blockDim.x // 2
+    while half > 0:
+        if tid < half:
+            buf[tid] = max(buf[tid], buf[tid + half]) if take_max else buf[tid] + buf[tid + half]
+        cuda.syncthreads()
+        half //= 2
+    total = buf[0]
+    cuda.syncthreads()  # every thread has read buf[0] before the next call overwrites it
+    return total
+
+
+@device_function
+def block_sum(buf, value):
+    return block_reduce(buf, value, False)
+
+
+@device_function
+def block_max(buf, value):
+    return block_reduce(buf, value, True)
+
+
+@kernel("void(float32[:,::1], float32[::1])")
+def column_sum(part, out):
+    """out[e] = Σ_z part[z, e]: the second stage of a two-stage reduction, one thread per column
+    (consecutive threads read consecutive e, so the loads coalesce; no atomics, deterministic)."""
+    e = cuda.grid(1)
+    if e < out.shape[0]:
+        acc = ZERO
+        for z in range(part.shape[0]):
+            acc += part[z, e]
+        out[e] = acc
+
+
+COLUMN_SUM_THREADS = 128
+
+
+def sum_columns(part):
+    """Σ over axis 0 of the (Z, E) float32 array part, by column_sum."""
+    out = array_module(part).empty(part.shape[1], np.float32)
+    column_sum[ceil_div(part.shape[1], COLUMN_SUM_THREADS), COLUMN_SUM_THREADS](part, out)
+    return out

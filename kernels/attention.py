@@ -14,26 +14,17 @@ For each batch b and head h, with Q (Lq, d), K and V (Lk, d) and scale = 1/√d 
 The max subtraction (m_i) keeps exp from overflowing: scores of a few hundred are common once q and k
 grow during training, and exp(89) is already inf in float32.
 
-Versions:
-  reference: NumPy einsum, the equations above verbatim — the ground truth.
-  cpu:       batched np.matmul (BLAS) in place on the score buffer; D from dO∘O, a (Lq, d) product
-             instead of the (Lq, Lk) one.
-  cuda v1:   naive — S in global memory (one thread per score), a row-softmax kernel (one block per row,
-             shared-memory max and sum), then P V (one thread per output); backward from the saved P.
-  cuda v2:   flash-style (Dao et al. 2022, "FlashAttention") — one block per (b, h, 16-query tile) streams
-             16-key tiles of K and V through shared memory with an online softmax, so S and P never
-             touch DRAM (v1 writes and re-reads the Lq×Lk matrix several times); saves only the row
-             log-sum-exp L = m + log l. Backward recomputes P = exp(S − L) tile by tile: one kernel for
-             dQ (parallel over query tiles), one for dK and dV (parallel over key tiles), no atomics.
+The versions (reference, cpu, cuda_v1, cuda_v2) are the rows of VERSIONS at the end of this file,
+with their kernels ``attention_<pass>_v<N>``; ``python benchmarks/bench_kernels.py --list`` prints
+them with the command that runs each one alone.
 """
-import functools
 import math
 
 import numpy as np
 from numba import float32
 
-from ._bench import OpBench, Version
-from ._cuda import array_module, ceil_div, cuda, kernel
+from ._bench import OpBench, Version, host64, saved_backward
+from ._cuda import ONE, ZERO, array_module, block_max, block_sum, ceil_div, cuda, device_function, kernel
 
 
 def _default_scale(q, scale):
@@ -46,7 +37,7 @@ def _softmax_reference(s):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attention_reference(q, k, v, scale=None):
+def attention_forward_reference(q, k, v, scale=None):
     """O = softmax(scale · Q Kᵀ) V on (B, H, L, d) arrays (Vaswani et al. 2017)."""
     scale = _default_scale(q, scale)
     p = _softmax_reference(scale * np.einsum("bhic,bhjc->bhij", q, k))
@@ -66,7 +57,7 @@ def attention_backward_reference(q, k, v, do, scale=None):
 
 
 # ---- CPU implementation ---------------------------------------------------------------------------
-def attention_cpu(q, k, v, scale=None):
+def attention_forward_cpu(q, k, v, scale=None):
     """O = softmax(scale · Q Kᵀ) V with batched BLAS matmuls; the softmax runs in place on the scores.
     Returns (O, saved), keeping P and O for the backward."""
     scale = _default_scale(q, scale)
@@ -98,131 +89,85 @@ def attention_backward_cpu(saved, do):
 # Kernels see (B·H, L, d) views: the batch and head axes play the same role.
 THREADS_PER_BLOCK = 128  # one thread per output element; 4 warps, enough blocks to fill every SM
 ROW_THREADS = 32         # one block (one warp) per softmax row: rows are a few hundred long, 32 threads stride them
-MATMUL_SIGNATURE = "void(float32[:,:,::1], float32[:,:,::1], float32, float32[:,:,::1])"
 NEG_INF = float32(-math.inf)
 
 
-@kernel(MATMUL_SIGNATURE)
-def scaled_matmul_abt_kernel(a, b, scale, out):
-    """out[n, i, j] = scale · Σ_c a[n, i, c] b[n, j, c]   (S = scale·Q Kᵀ, dP = dO Vᵀ)."""
+@device_function
+def entry(a, n, i, j, transposed):
+    """A[n, i, j] for A = a, or A = aᵀ (per batch n) when transposed."""
+    return a[n, j, i] if transposed else a[n, i, j]
+
+
+@kernel("void(float32[:,:,::1], boolean, float32[:,:,::1], boolean, float32, float32[:,:,::1])")
+def attention_matmul_v1(a, a_transposed, b, b_transposed, scale, out):
+    """out[n, i, j] = scale · Σ_c A[n, i, c]·B[n, c, j] with A = a or aᵀ and B = b or bᵀ, one thread
+    per output: S = scale·Q Kᵀ, O = P V, dV = Pᵀ dO, dP = dO Vᵀ, dQ = scale·dS K, dK = scale·dSᵀ Q."""
     idx = cuda.grid(1)
     if idx < out.size:
         rows, cols = out.shape[1], out.shape[2]
         n, i, j = idx // (rows * cols), idx // cols % rows, idx % cols
-        total = float32(0)
-        for c in range(a.shape[2]):
-            total += a[n, i, c] * b[n, j, c]
+        total = ZERO
+        for c in range(a.shape[1] if a_transposed else a.shape[2]):
+            total += entry(a, n, i, c, a_transposed) * entry(b, n, c, j, b_transposed)
         out[n, i, j] = scale * total
 
 
-@kernel(MATMUL_SIGNATURE)
-def scaled_matmul_ab_kernel(a, b, scale, out):
-    """out[n, i, c] = scale · Σ_j a[n, i, j] b[n, j, c]   (O = P V, dQ = scale·dS K)."""
-    idx = cuda.grid(1)
-    if idx < out.size:
-        rows, cols = out.shape[1], out.shape[2]
-        n, i, c = idx // (rows * cols), idx // cols % rows, idx % cols
-        total = float32(0)
-        for j in range(a.shape[2]):
-            total += a[n, i, j] * b[n, j, c]
-        out[n, i, c] = scale * total
-
-
-@kernel(MATMUL_SIGNATURE)
-def scaled_matmul_atb_kernel(a, b, scale, out):
-    """out[n, j, c] = scale · Σ_i a[n, i, j] b[n, i, c]   (dV = Pᵀ dO, dK = scale·dSᵀ Q)."""
-    idx = cuda.grid(1)
-    if idx < out.size:
-        rows, cols = out.shape[1], out.shape[2]
-        n, j, c = idx // (rows * cols), idx // cols % rows, idx % cols
-        total = float32(0)
-        for i in range(a.shape[1]):
-            total += a[n, i, j] * b[n, i, c]
-        out[n, j, c] = scale * total
-
-
-# The row kernels reduce through shared memory with a tree: log2(ROW_THREADS) halving steps, each
-# ending in a barrier. (No device functions: numba-cuda compiles those only with a GPU present.)
 @kernel("void(float32[:,::1])")
-def softmax_rows_kernel(s):
+def attention_softmax_forward_v1(s):
     """In place, one block per row: s[r, :] ← exp(s[r, :] − max) / Σ exp(s[r, :] − max)."""
-    partial = cuda.shared.array(ROW_THREADS, float32)
+    buf = cuda.shared.array(ROW_THREADS, float32)
     row, t, n = cuda.blockIdx.x, cuda.threadIdx.x, s.shape[1]
     local_max = NEG_INF
     for j in range(t, n, ROW_THREADS):
         local_max = max(local_max, s[row, j])
-    partial[t] = local_max
-    cuda.syncthreads()
-    stride = ROW_THREADS // 2
-    while stride > 0:
-        if t < stride:
-            partial[t] = max(partial[t], partial[t + stride])
-        cuda.syncthreads()
-        stride //= 2
-    row_max = partial[0]
-    cuda.syncthreads()  # every thread has read the max before `partial` is reused for the sum
-
-    local_sum = float32(0)
+    row_max = block_max(buf, local_max)
+    local_sum = ZERO
     for j in range(t, n, ROW_THREADS):
         e = math.exp(s[row, j] - row_max)
         s[row, j] = e
         local_sum += e
-    partial[t] = local_sum
-    cuda.syncthreads()
-    stride = ROW_THREADS // 2
-    while stride > 0:
-        if t < stride:
-            partial[t] += partial[t + stride]
-        cuda.syncthreads()
-        stride //= 2
-    inverse_sum = float32(1) / partial[0]
+    inverse_sum = ONE / block_sum(buf, local_sum)
     for j in range(t, n, ROW_THREADS):
         s[row, j] *= inverse_sum
 
 
 @kernel("void(float32[:,::1], float32[:,::1])")
-def softmax_rows_backward_kernel(p, dp):
+def attention_softmax_backward_v1(p, dp):
     """In place, one block per row: dp[r, :] ← p[r, :] ∘ (dp[r, :] − Σ_j dp[r, j] p[r, j])  (dP → dS)."""
-    partial = cuda.shared.array(ROW_THREADS, float32)
+    buf = cuda.shared.array(ROW_THREADS, float32)
     row, t, n = cuda.blockIdx.x, cuda.threadIdx.x, p.shape[1]
-    local_dot = float32(0)
+    local_dot = ZERO
     for j in range(t, n, ROW_THREADS):
         local_dot += dp[row, j] * p[row, j]
-    partial[t] = local_dot
-    cuda.syncthreads()
-    stride = ROW_THREADS // 2
-    while stride > 0:
-        if t < stride:
-            partial[t] += partial[t + stride]
-        cuda.syncthreads()
-        stride //= 2
-    row_dot = partial[0]
+    row_dot = block_sum(buf, local_dot)
     for j in range(t, n, ROW_THREADS):
         dp[row, j] = p[row, j] * (dp[row, j] - row_dot)
 
 
-def _scaled_matmul(matmul_kernel, a, b, scale, out):
-    matmul_kernel[ceil_div(out.size, THREADS_PER_BLOCK), THREADS_PER_BLOCK](a, b, float32(scale), out)
+def _scaled_matmul(a, b, scale, out, a_transposed=False, b_transposed=False):
+    """out = scale · A B, batched over the first axis, by attention_matmul_v1."""
+    attention_matmul_v1[ceil_div(out.size, THREADS_PER_BLOCK), THREADS_PER_BLOCK](
+        a, a_transposed, b, b_transposed, float32(scale), out)
     return out
 
 
-def _attention_v1(q, k, v, scale):
+def _attention_forward_v1(q, k, v, scale):
     xp = array_module(q)
     n, lq, lk, d = q.shape[0], q.shape[1], k.shape[1], q.shape[2]
-    p = _scaled_matmul(scaled_matmul_abt_kernel, q, k, scale, xp.empty((n, lq, lk), np.float32))
-    softmax_rows_kernel[n * lq, ROW_THREADS](p.reshape(n * lq, lk))
-    o = _scaled_matmul(scaled_matmul_ab_kernel, p, v, 1.0, xp.empty((n, lq, d), np.float32))
+    p = _scaled_matmul(q, k, scale, xp.empty((n, lq, lk), np.float32), b_transposed=True)
+    attention_softmax_forward_v1[n * lq, ROW_THREADS](p.reshape(n * lq, lk))
+    o = _scaled_matmul(p, v, 1.0, xp.empty((n, lq, d), np.float32))
     return o, {"p": p}
 
 
 def _attention_backward_v1(q, k, v, do, scale, p):
     xp = array_module(q)
     n, lq, lk = p.shape
-    dv = _scaled_matmul(scaled_matmul_atb_kernel, p, do, 1.0, xp.empty_like(v))
-    ds = _scaled_matmul(scaled_matmul_abt_kernel, do, v, 1.0, xp.empty((n, lq, lk), np.float32))
-    softmax_rows_backward_kernel[n * lq, ROW_THREADS](p.reshape(n * lq, lk), ds.reshape(n * lq, lk))
-    dq = _scaled_matmul(scaled_matmul_ab_kernel, ds, k, scale, xp.empty_like(q))
-    dk = _scaled_matmul(scaled_matmul_atb_kernel, ds, q, scale, xp.empty_like(k))
+    dv = _scaled_matmul(p, do, 1.0, xp.empty_like(v), a_transposed=True)
+    ds = _scaled_matmul(do, v, 1.0, xp.empty((n, lq, lk), np.float32), b_transposed=True)
+    attention_softmax_backward_v1[n * lq, ROW_THREADS](p.reshape(n * lq, lk), ds.reshape(n * lq, lk))
+    dq = _scaled_matmul(ds, k, scale, xp.empty_like(q))
+    dk = _scaled_matmul(ds, q, scale, xp.empty_like(k), a_transposed=True)
     return dq, dk, dv
 
 
@@ -232,12 +177,69 @@ MAX_HEAD_SIZE = 128          # bounds the shared tiles: 4 tiles of TILE×(128+1)
 TILE_STRIDE = MAX_HEAD_SIZE + 1  # +1 pad: rows start in different banks, so 16 threads reading one
 #                                  column of 16 different rows hit 16 different banks
 CHANNELS_PER_THREAD = MAX_HEAD_SIZE // TILE  # a thread accumulates output channels t, t+16, ... (≤ 8)
-# Tiles are loaded by all 256 threads striding over the tile's TILE·d floats, which are contiguous in
-# DRAM (coalesced); rows past the end are zero-filled so they add nothing (and no garbage inf·0 = nan).
+# Each kernel declares its own shared tiles, so their declarations look alike on purpose: a helper
+# cannot allocate them, since numba's simulator keys a shared array by its source line and one helper
+# line would hand every tile the same array.
+
+
+@device_function
+def tile_coordinates():
+    """(n, first row of the block's tile, ty, tx, flat thread index) in a flash kernel: block
+    (n, tile), TILE×TILE threads."""
+    ty, tx = cuda.threadIdx.y, cuda.threadIdx.x
+    return cuda.blockIdx.x, cuda.blockIdx.y * TILE, ty, tx, ty * TILE + tx
+
+
+@device_function
+def load_tile(tile, a, n, first_row, thread):
+    """tile[r, c] = a[n, first_row + r, c] for the TILE rows from first_row, all TILE² threads striding
+    over the TILE·d floats, contiguous in DRAM (coalesced); rows past a's end are zero-filled, so
+    they add nothing (and no garbage inf·0 = nan)."""
+    d = a.shape[2]
+    for idx in range(thread, TILE * d, TILE * TILE):
+        r, c = idx // d, idx % d
+        tile[r, c] = a[n, first_row + r, c] if first_row + r < a.shape[1] else ZERO
+
+
+@device_function
+def load_tiles(a_tile, b_tile, a, b, n, first_row, thread):
+    """load_tile of the same rows of a and b (k and v, or q and dO)."""
+    load_tile(a_tile, a, n, first_row, thread)
+    load_tile(b_tile, b, n, first_row, thread)
+
+
+@device_function
+def score_and_dp(q_tile, k_tile, do_tile, v_tile, query, key, d):
+    """(Q Kᵀ, dO Vᵀ) at (query, key): the two length-d dot products of rows of the tiles."""
+    qk = ZERO
+    dp = ZERO
+    for c in range(d):
+        qk += q_tile[query, c] * k_tile[key, c]
+        dp += do_tile[query, c] * v_tile[key, c]
+    return qk, dp
+
+
+@device_function
+def add_tile_product(acc, a_tile, b_tile, row, d):
+    """acc[r] += Σ_j a_tile[row, j]·b_tile[j, c] for this thread's channels c = threadIdx.x + r·TILE < d."""
+    for r in range(CHANNELS_PER_THREAD):
+        c = cuda.threadIdx.x + r * TILE
+        if c < d:
+            for j in range(TILE):
+                acc[r] += a_tile[row, j] * b_tile[j, c]
+
+
+@device_function
+def store_channels(out, n, row, acc, factor, d):
+    """out[n, row, c] = factor·acc[r] for this thread's channels c = threadIdx.x + r·TILE < d."""
+    for r in range(CHANNELS_PER_THREAD):
+        c = cuda.threadIdx.x + r * TILE
+        if c < d:
+            out[n, row, c] = factor * acc[r]
 
 
 @kernel("void(float32[:,:,::1], float32[:,:,::1], float32[:,:,::1], float32, float32[:,:,::1], float32[:,::1])")
-def flash_forward_kernel(q, k, v, scale, o, lse):
+def attention_forward_v2(q, k, v, scale, o, lse):
     """Block (n, query tile), thread (query row ty, key tx). For each key tile: S = scale·Q Kᵀ, running
     max m' = max(m, max_j S), rescale α = exp(m − m'), l ← α·l + Σ_j exp(S − m'),
     acc ← α·acc + exp(S − m') V. At the end O = acc / l and lse = m + log l."""
@@ -249,30 +251,22 @@ def flash_forward_kernel(q, k, v, scale, o, lse):
     row_sum = cuda.shared.array(TILE, float32)
     row_rescale = cuda.shared.array(TILE, float32)
     acc = cuda.local.array(CHANNELS_PER_THREAD, float32)
-    n, q0 = cuda.blockIdx.x, cuda.blockIdx.y * TILE
-    ty, tx = cuda.threadIdx.y, cuda.threadIdx.x
-    thread = ty * TILE + tx
+    n, q0, ty, tx, thread = tile_coordinates()
     n_queries, n_keys, d = q.shape[1], k.shape[1], q.shape[2]
 
-    for idx in range(thread, TILE * d, TILE * TILE):
-        r, c = idx // d, idx % d
-        q_tile[r, c] = q[n, q0 + r, c] if q0 + r < n_queries else float32(0)
+    load_tile(q_tile, q, n, q0, thread)
     for r in range(CHANNELS_PER_THREAD):
-        acc[r] = float32(0)
+        acc[r] = ZERO
     if tx == 0:
         row_max[ty] = NEG_INF
-        row_sum[ty] = float32(0)
+        row_sum[ty] = ZERO
     for k0 in range(0, n_keys, TILE):
         cuda.syncthreads()  # the previous tiles are consumed before they are overwritten
-        for idx in range(thread, TILE * d, TILE * TILE):
-            r, c = idx // d, idx % d
-            inside = k0 + r < n_keys
-            k_tile[r, c] = k[n, k0 + r, c] if inside else float32(0)
-            v_tile[r, c] = v[n, k0 + r, c] if inside else float32(0)
+        load_tiles(k_tile, v_tile, k, v, n, k0, thread)
         cuda.syncthreads()
         score = NEG_INF  # keys past the end get probability exp(−inf) = 0
         if k0 + tx < n_keys:
-            dot = float32(0)
+            dot = ZERO
             for c in range(d):
                 dot += q_tile[ty, c] * k_tile[tx, c]
             score = scale * dot
@@ -289,36 +283,32 @@ def flash_forward_kernel(q, k, v, scale, o, lse):
         cuda.syncthreads()
         rescale = row_rescale[ty]
         if tx == 0:
-            tile_sum = float32(0)
+            tile_sum = ZERO
             for j in range(TILE):
                 tile_sum += p_tile[ty, j]
             row_sum[ty] = rescale * row_sum[ty] + tile_sum
         for r in range(CHANNELS_PER_THREAD):
             c = tx + r * TILE
             if c < d:
-                pv = float32(0)
+                pv = ZERO
                 for j in range(TILE):
                     pv += p_tile[ty, j] * v_tile[j, c]
                 acc[r] = rescale * acc[r] + pv
     cuda.syncthreads()  # the last tile's row_sum is visible to the whole row
     i = q0 + ty
     if i < n_queries:
-        inverse_sum = float32(1) / row_sum[ty]
-        for r in range(CHANNELS_PER_THREAD):
-            c = tx + r * TILE
-            if c < d:
-                o[n, i, c] = acc[r] * inverse_sum
+        store_channels(o, n, i, acc, ONE / row_sum[ty], d)
         if tx == 0:
             lse[n, i] = row_max[ty] + math.log(row_sum[ty])
 
 
 @kernel("void(float32[:,:,::1], float32[:,:,::1], float32[:,::1])")
-def row_dot_kernel(o, do, delta):
+def attention_backward_delta_v2(o, do, delta):
     """delta[n, i] = Σ_c o[n, i, c] do[n, i, c]  (D = rowsum(dO∘O)), one thread per row: O(L·d) work."""
     idx = cuda.grid(1)
     if idx < delta.size:
         n, i = idx // delta.shape[1], idx % delta.shape[1]
-        total = float32(0)
+        total = ZERO
         for c in range(o.shape[2]):
             total += o[n, i, c] * do[n, i, c]
         delta[n, i] = total
@@ -326,7 +316,7 @@ def row_dot_kernel(o, do, delta):
 
 @kernel("void(float32[:,:,::1], float32[:,:,::1], float32[:,:,::1], float32[:,:,::1], float32[:,::1], "
         "float32[:,::1], float32, float32[:,:,::1])")
-def flash_backward_dq_kernel(q, k, v, do, lse, delta, scale, dq):
+def attention_backward_dq_v2(q, k, v, do, lse, delta, scale, dq):
     """Block (n, query tile), thread (query row ty, key tx). For each key tile: P = exp(scale·Q Kᵀ − lse),
     dS = P∘(dO Vᵀ − D), dQ += scale · dS K."""
     q_tile = cuda.shared.array((TILE, TILE_STRIDE), float32)
@@ -335,54 +325,33 @@ def flash_backward_dq_kernel(q, k, v, do, lse, delta, scale, dq):
     v_tile = cuda.shared.array((TILE, TILE_STRIDE), float32)
     ds_tile = cuda.shared.array((TILE, TILE), float32)
     acc = cuda.local.array(CHANNELS_PER_THREAD, float32)
-    n, q0 = cuda.blockIdx.x, cuda.blockIdx.y * TILE
-    ty, tx = cuda.threadIdx.y, cuda.threadIdx.x
-    thread = ty * TILE + tx
+    n, q0, ty, tx, thread = tile_coordinates()
     n_queries, n_keys, d = q.shape[1], k.shape[1], q.shape[2]
     i = q0 + ty
 
-    for idx in range(thread, TILE * d, TILE * TILE):
-        r, c = idx // d, idx % d
-        inside = q0 + r < n_queries
-        q_tile[r, c] = q[n, q0 + r, c] if inside else float32(0)
-        do_tile[r, c] = do[n, q0 + r, c] if inside else float32(0)
-    row_lse = lse[n, i] if i < n_queries else float32(0)
-    row_delta = delta[n, i] if i < n_queries else float32(0)
+    load_tiles(q_tile, do_tile, q, do, n, q0, thread)
+    row_lse = lse[n, i] if i < n_queries else ZERO
+    row_delta = delta[n, i] if i < n_queries else ZERO
     for r in range(CHANNELS_PER_THREAD):
-        acc[r] = float32(0)
+        acc[r] = ZERO
     for k0 in range(0, n_keys, TILE):
         cuda.syncthreads()  # the previous tiles are consumed before they are overwritten
-        for idx in range(thread, TILE * d, TILE * TILE):
-            r, c = idx // d, idx % d
-            inside = k0 + r < n_keys
-            k_tile[r, c] = k[n, k0 + r, c] if inside else float32(0)
-            v_tile[r, c] = v[n, k0 + r, c] if inside else float32(0)
+        load_tiles(k_tile, v_tile, k, v, n, k0, thread)
         cuda.syncthreads()
-        ds = float32(0)
+        ds = ZERO
         if i < n_queries and k0 + tx < n_keys:
-            qk = float32(0)
-            dp = float32(0)
-            for c in range(d):
-                qk += q_tile[ty, c] * k_tile[tx, c]
-                dp += do_tile[ty, c] * v_tile[tx, c]
+            qk, dp = score_and_dp(q_tile, k_tile, do_tile, v_tile, ty, tx, d)
             ds = math.exp(scale * qk - row_lse) * (dp - row_delta)
         ds_tile[ty, tx] = ds
         cuda.syncthreads()
-        for r in range(CHANNELS_PER_THREAD):
-            c = tx + r * TILE
-            if c < d:
-                for j in range(TILE):
-                    acc[r] += ds_tile[ty, j] * k_tile[j, c]
+        add_tile_product(acc, ds_tile, k_tile, ty, d)
     if i < n_queries:
-        for r in range(CHANNELS_PER_THREAD):
-            c = tx + r * TILE
-            if c < d:
-                dq[n, i, c] = scale * acc[r]
+        store_channels(dq, n, i, acc, scale, d)
 
 
 @kernel("void(float32[:,:,::1], float32[:,:,::1], float32[:,:,::1], float32[:,:,::1], float32[:,::1], "
         "float32[:,::1], float32, float32[:,:,::1], float32[:,:,::1])")
-def flash_backward_dkdv_kernel(q, k, v, do, lse, delta, scale, dk, dv):
+def attention_backward_dkdv_v2(q, k, v, do, lse, delta, scale, dk, dv):
     """Block (n, key tile), thread (key row ty, query tx). For each query tile: P = exp(scale·Q Kᵀ − lse),
     dS = P∘(dO Vᵀ − D), dV += Pᵀ dO, dK += scale · dSᵀ Q. Each block owns its keys' rows: no atomics."""
     k_tile = cuda.shared.array((TILE, TILE_STRIDE), float32)
@@ -395,63 +364,42 @@ def flash_backward_dkdv_kernel(q, k, v, do, lse, delta, scale, dk, dv):
     delta_tile = cuda.shared.array(TILE, float32)
     dk_acc = cuda.local.array(CHANNELS_PER_THREAD, float32)
     dv_acc = cuda.local.array(CHANNELS_PER_THREAD, float32)
-    n, k0 = cuda.blockIdx.x, cuda.blockIdx.y * TILE
-    ty, tx = cuda.threadIdx.y, cuda.threadIdx.x
-    thread = ty * TILE + tx
+    n, k0, ty, tx, thread = tile_coordinates()
     n_queries, n_keys, d = q.shape[1], k.shape[1], q.shape[2]
     j = k0 + ty
 
-    for idx in range(thread, TILE * d, TILE * TILE):
-        r, c = idx // d, idx % d
-        inside = k0 + r < n_keys
-        k_tile[r, c] = k[n, k0 + r, c] if inside else float32(0)
-        v_tile[r, c] = v[n, k0 + r, c] if inside else float32(0)
+    load_tiles(k_tile, v_tile, k, v, n, k0, thread)
     for r in range(CHANNELS_PER_THREAD):
-        dk_acc[r] = float32(0)
-        dv_acc[r] = float32(0)
+        dk_acc[r] = ZERO
+        dv_acc[r] = ZERO
     for q0 in range(0, n_queries, TILE):
         cuda.syncthreads()  # the previous tiles are consumed before they are overwritten
-        for idx in range(thread, TILE * d, TILE * TILE):
-            r, c = idx // d, idx % d
-            inside = q0 + r < n_queries
-            q_tile[r, c] = q[n, q0 + r, c] if inside else float32(0)
-            do_tile[r, c] = do[n, q0 + r, c] if inside else float32(0)
+        load_tiles(q_tile, do_tile, q, do, n, q0, thread)
         if ty == 0 and q0 + tx < n_queries:
             lse_tile[tx] = lse[n, q0 + tx]
             delta_tile[tx] = delta[n, q0 + tx]
         cuda.syncthreads()
-        p = float32(0)
-        ds = float32(0)
+        p = ZERO
+        ds = ZERO
         if q0 + tx < n_queries and j < n_keys:
-            qk = float32(0)
-            dp = float32(0)
-            for c in range(d):
-                qk += q_tile[tx, c] * k_tile[ty, c]
-                dp += do_tile[tx, c] * v_tile[ty, c]
+            qk, dp = score_and_dp(q_tile, k_tile, do_tile, v_tile, tx, ty, d)
             p = math.exp(scale * qk - lse_tile[tx])
             ds = p * (dp - delta_tile[tx])
         p_tile[ty, tx] = p
         ds_tile[ty, tx] = ds
         cuda.syncthreads()
-        for r in range(CHANNELS_PER_THREAD):
-            c = tx + r * TILE
-            if c < d:
-                for i in range(TILE):
-                    dv_acc[r] += p_tile[ty, i] * do_tile[i, c]
-                    dk_acc[r] += ds_tile[ty, i] * q_tile[i, c]
+        add_tile_product(dv_acc, p_tile, do_tile, ty, d)
+        add_tile_product(dk_acc, ds_tile, q_tile, ty, d)
     if j < n_keys:
-        for r in range(CHANNELS_PER_THREAD):
-            c = tx + r * TILE
-            if c < d:
-                dk[n, j, c] = scale * dk_acc[r]
-                dv[n, j, c] = dv_acc[r]
+        store_channels(dk, n, j, dk_acc, scale, d)
+        store_channels(dv, n, j, dv_acc, ONE, d)
 
 
-def _attention_v2(q, k, v, scale):
+def _attention_forward_v2(q, k, v, scale):
     xp = array_module(q)
     n, lq = q.shape[0], q.shape[1]
     o, lse = xp.empty_like(q), xp.empty((n, lq), np.float32)
-    flash_forward_kernel[(n, ceil_div(lq, TILE)), (TILE, TILE)](q, k, v, float32(scale), o, lse)
+    attention_forward_v2[(n, ceil_div(lq, TILE)), (TILE, TILE)](q, k, v, float32(scale), o, lse)
     return o, {"o": o, "lse": lse}
 
 
@@ -459,10 +407,10 @@ def _attention_backward_v2(q, k, v, do, scale, o, lse):
     xp = array_module(q)
     n, lq, lk = q.shape[0], q.shape[1], k.shape[1]
     delta = xp.empty((n, lq), np.float32)
-    row_dot_kernel[ceil_div(delta.size, THREADS_PER_BLOCK), THREADS_PER_BLOCK](o, do, delta)
+    attention_backward_delta_v2[ceil_div(delta.size, THREADS_PER_BLOCK), THREADS_PER_BLOCK](o, do, delta)
     dq, dk, dv = xp.empty_like(q), xp.empty_like(k), xp.empty_like(v)
-    flash_backward_dq_kernel[(n, ceil_div(lq, TILE)), (TILE, TILE)](q, k, v, do, lse, delta, float32(scale), dq)
-    flash_backward_dkdv_kernel[(n, ceil_div(lk, TILE)), (TILE, TILE)](
+    attention_backward_dq_v2[(n, ceil_div(lq, TILE)), (TILE, TILE)](q, k, v, do, lse, delta, float32(scale), dq)
+    attention_backward_dkdv_v2[(n, ceil_div(lk, TILE)), (TILE, TILE)](
         q, k, v, do, lse, delta, float32(scale), dk, dv)
     return dq, dk, dv
 
@@ -474,11 +422,11 @@ def _check_inputs(q, k, v, version):
     if min(q.shape) < 1 or k.shape[2] < 1:
         raise ValueError(f"attention needs non-empty inputs; got q {q.shape}, k {k.shape}")
     if not (q.dtype == k.dtype == v.dtype == np.float32):
-        raise ValueError(f"attention_cuda needs float32 inputs; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if version not in (1, 2):
-        raise ValueError(f"attention_cuda has versions 1 and 2; got version={version}")
+        raise ValueError(f"attention CUDA kernels need float32 inputs; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if version not in BENCH.cuda_versions:
+        raise ValueError(f"attention CUDA has versions {BENCH.cuda_versions}; got version={version}")
     if version == 2 and q.shape[3] > MAX_HEAD_SIZE:
-        raise ValueError(f"attention_cuda v2 supports head size d ≤ {MAX_HEAD_SIZE}; got d = {q.shape[3]}")
+        raise ValueError(f"attention CUDA v2 supports head size d ≤ {MAX_HEAD_SIZE}; got d = {q.shape[3]}")
 
 
 def _heads_as_batch(a):
@@ -487,12 +435,12 @@ def _heads_as_batch(a):
     return a.reshape(a.shape[0] * a.shape[1], a.shape[2], a.shape[3])
 
 
-def attention_cuda(q, k, v, scale=None, version=2):
+def attention_forward_cuda(q, k, v, scale=None, version=2):
     """O = softmax(scale · Q Kᵀ) V on the GPU (float32); returns (O, saved) for attention_backward_cuda."""
     _check_inputs(q, k, v, version)
     scale = _default_scale(q, scale)
     q3, k3, v3 = _heads_as_batch(q), _heads_as_batch(k), _heads_as_batch(v)
-    forward = _attention_v1 if version == 1 else _attention_v2
+    forward = _attention_forward_v1 if version == 1 else _attention_forward_v2
     o, state = forward(q3, k3, v3, scale)
     saved = {"version": version, "shape": q.shape, "q": q3, "k": k3, "v": v3, "scale": scale, **state}
     return o.reshape(q.shape), saved
@@ -501,7 +449,7 @@ def attention_cuda(q, k, v, scale=None, version=2):
 def attention_backward_cuda(saved, do):
     """(dQ, dK, dV) for the version that produced `saved`: v1 from the saved P, v2 by recomputation."""
     if do.shape != saved["shape"] or do.dtype != np.float32:
-        raise ValueError(f"attention_backward_cuda needs a float32 dO of shape {saved['shape']}; "
+        raise ValueError(f"attention CUDA backward needs a float32 dO of shape {saved['shape']}; "
                          f"got {do.dtype} {do.shape}")
     q, k, v, scale = saved["q"], saved["k"], saved["v"], saved["scale"]
     do3 = _heads_as_batch(do)
@@ -513,11 +461,7 @@ def attention_backward_cuda(saved, do):
     return dq.reshape(b, h, *dq.shape[1:]), dk.reshape(b, h, *dk.shape[1:]), dv.reshape(b, h, *dv.shape[1:])
 
 
-# ---- benchmark description ------------------------------------------------------------------------
-def _host(a):
-    return a.get() if hasattr(a, "get") else a
-
-
+# ---- the version table and the benchmark description ------------------------------------------
 def _make_case(shape, xp, seed):
     rng = np.random.default_rng(seed)
     b, h, n, d = shape["B"], shape["H"], shape["L"], shape["d"]
@@ -526,9 +470,9 @@ def _make_case(shape, xp, seed):
 
 
 def _reference(case, direction):
-    q, k, v, do = (_host(case[name]).astype(np.float64) for name in ("q", "k", "v", "do"))
+    q, k, v, do = (host64(case[name]) for name in ("q", "k", "v", "do"))
     if direction == "forward":
-        return (attention_reference(q, k, v),)
+        return (attention_forward_reference(q, k, v),)
     return attention_backward_reference(q, k, v, do)
 
 
@@ -542,52 +486,32 @@ def _bytes(shape, direction):
     return (4 if direction == "forward" else 7) * per_tensor  # q, k, v → o;  q, k, v, dO → dq, dk, dv
 
 
-def _forward_run(forward):
-    return lambda case: (forward(case["q"], case["k"], case["v"])[0],)
+def _forward(fn, **options):
+    return lambda case: fn(case["q"], case["k"], case["v"], **options)
 
 
-def _backward_run(name, forward, backward):
-    """The forward runs once per case (its saved state cached in the case) so a backward timing is the
-    backward alone."""
-    def run(case):
-        key = f"saved_{name}"
-        if key not in case:
-            case[key] = forward(case["q"], case["k"], case["v"])[1]
-        return backward(case[key], case["do"])
-    return run
-
-
-def _reference_forward(case):
-    return (attention_reference(case["q"], case["k"], case["v"]),)
-
-
-def _reference_backward(case):
-    return attention_backward_reference(case["q"], case["k"], case["v"], case["do"])
-
-
-_cuda_v1 = functools.partial(attention_cuda, version=1)
-_cuda_v2 = functools.partial(attention_cuda, version=2)
-_IDEA_REFERENCE = "NumPy einsum of the equations: the ground truth"
-_IDEA_CPU = "batched BLAS matmuls, softmax in place on the score buffer"
-_IDEA_V1 = "naive: S and P in global memory, one thread per element, one block per softmax row"
-_IDEA_V2 = "flash: K/V tiles in shared memory, online softmax, S and P never reach DRAM"
+VERSIONS = (
+    Version("reference", "NumPy einsum of the module docstring's equations: the ground truth",
+            lambda case: (attention_forward_reference(case["q"], case["k"], case["v"]), None),
+            lambda case, _: attention_backward_reference(case["q"], case["k"], case["v"], case["do"])),
+    Version("cpu",
+            "batched np.matmul (BLAS), the softmax in place on the score buffer; P and O kept for the "
+            "backward, where D comes from dO∘O, a (Lq, d) product instead of the (Lq, Lk) one",
+            _forward(attention_forward_cpu), saved_backward(attention_backward_cpu, "do")),
+    Version("cuda_v1",
+            "naive: S and P in global memory, one thread per element of each product, one block per "
+            "softmax row (shared-memory max and sum); the backward starts from the saved P",
+            _forward(attention_forward_cuda, version=1), saved_backward(attention_backward_cuda, "do")),
+    Version("cuda_v2",
+            "flash-style (Dao et al. 2022): one block per (b·h, 16-query tile) streams 16-key tiles of K "
+            "and V through shared memory with an online softmax, so S and P never reach DRAM (v1 writes "
+            "and re-reads the Lq×Lk matrix several times); saves only the row log-sum-exp. The backward "
+            "recomputes P tile by tile: one kernel for dQ (over query tiles), one for dK and dV (over "
+            "key tiles), no atomics",
+            _forward(attention_forward_cuda, version=2), saved_backward(attention_backward_cuda, "do")),
+)
 
 BENCH = OpBench(
-    name="attention",
-    make_case=_make_case,
-    reference=_reference,
-    flops=_flops,
-    bytes=_bytes,
-    versions=[
-        Version("reference", "forward", "cpu", _reference_forward, _IDEA_REFERENCE),
-        Version("reference", "backward", "cpu", _reference_backward, _IDEA_REFERENCE),
-        Version("cpu", "forward", "cpu", _forward_run(attention_cpu), _IDEA_CPU),
-        Version("cpu", "backward", "cpu", _backward_run("cpu", attention_cpu, attention_backward_cpu), _IDEA_CPU),
-        Version("cuda_v1", "forward", "cuda", _forward_run(_cuda_v1), _IDEA_V1),
-        Version("cuda_v1", "backward", "cuda", _backward_run("cuda_v1", _cuda_v1, attention_backward_cuda), _IDEA_V1),
-        Version("cuda_v2", "forward", "cuda", _forward_run(_cuda_v2), _IDEA_V2),
-        Version("cuda_v2", "backward", "cuda", _backward_run("cuda_v2", _cuda_v2, attention_backward_cuda), _IDEA_V2),
-    ],
+    "attention", _make_case, _reference, _flops, _bytes, VERSIONS,
     shapes=[dict(B=64, H=4, L=49, d=16), dict(B=64, H=4, L=196, d=16)],
-    sim_shapes=[dict(B=1, H=2, L=5, d=3), dict(B=1, H=1, L=19, d=18)],  # 19 and 18: two tiles, two channel chunks
-)
+    sim_shapes=[dict(B=1, H=2, L=5, d=3), dict(B=1, H=1, L=19, d=18)])  # 19 and 18: two tiles, two channel chunks

@@ -19,27 +19,17 @@ its pixels) and padded by R − 1 − π, with the weights flipped in (r, s) and
     dx[n, c, h, v] = Σ_{k, r, s} w[k, c, r, s] · dy[n, k, (h + π − r)/σ, (v + π − s)/σ]
                      (terms whose index is not a whole number inside dy are zero)
 
-Versions:
-  reference: NumPy, one einsum per kernel offset (r, s) over the zero-padded x — the ground truth.
-  cpu:       im2col into a batch-innermost (C·R·S, Ho·Wo·N) matrix (a compiled numba loop),
-             then one BLAS GEMM per pass; the forward's columns are kept for dW; col2im is the
-             matching numba loop of adds. A 1×1 stride-1 conv skips im2col: x is its own column matrix.
-  cuda v1:   direct — one thread per y (and per dx) element looping over (c, r, s) (and (k, r, s))
-             straight from global memory; one block per dw element reducing its N·Ho·Wo products
-             through shared memory.
-  cuda v2:   implicit GEMM — 16×16 tiles of W and of X̂ (gathered from x on the fly, never
-             materialised) staged in shared memory: each value loaded from DRAM is used 16 times
-             instead of once. Backward-data runs the same tiled GEMM on the flipped, transposed
-             weights and the dilated dy above (a gather, so no atomics); backward-weight tiles
-             dY X̂ᵀ and splits its long N·Ho·Wo sum over blocks (partial sums, then a second small
-             kernel adds them: deterministic, no atomics) so that enough blocks fill the GPU.
-  Both CUDA versions share the bias-gradient kernel: one block per channel, shared-memory tree sum.
+The versions (reference, cpu, cuda_v1, cuda_v2) are the rows of VERSIONS at the end of this file,
+each with its idea and its kernels ``conv2d_<pass>_v<N>``; ``python benchmarks/bench_kernels.py
+--list`` prints them with the command that runs each one alone.
 """
 import numpy as np
-from numba import float32, njit
+from numba import float32
 
-from ._bench import OpBench, Version
-from ._cuda import array_module, ceil_div, cuda, device_function, kernel
+from ._bench import OpBench, Version, host64, saved_backward
+from ._cuda import (ZERO, array_module, block_sum, ceil_div, cuda, device_function, kernel, require_float32,
+                    sum_columns, unravel)
+from .im2col import col2im, im2col
 
 
 def _output_size(size, kernel_size, stride, padding):
@@ -77,7 +67,7 @@ def _window(a, r, s, stride, out_h, out_w):
 
 
 # ---- NumPy reference ---------------------------------------------------------------------------
-def conv2d_reference(x, w, b=None, stride=1, padding=0):
+def conv2d_forward_reference(x, w, b=None, stride=1, padding=0):
     """y[n,k,i,j] = b[k] + Σ_{c,r,s} w[k,c,r,s]·x_pad[n, c, iσ + r, jσ + s]."""
     k, _, kh, kw = w.shape
     out_h, out_w = _output_size(x.shape[2], kh, stride, padding), _output_size(x.shape[3], kw, stride, padding)
@@ -107,13 +97,8 @@ def conv2d_backward_reference(x, w, dy, stride=1, padding=0):
 
 
 # ---- CPU implementation (the engine's `cpu` backend) -------------------------------------------
-# Batch-innermost ("CHWN") columns: with n innermost, each GEMM pass is one large product instead of
-# N small ones, and every im2col/col2im inner loop runs over N contiguous floats. im2col and col2im
-# are compiled numba loops, one channel at a time: each channel's image is first transposed into a
-# small zero-padded (H + 2π, W + 2π, N) scratch that stays in L2, so the transposes to and from NCHW
-# cost no extra pass over memory. Measured at N = 64, C = 32, 28×28, 3×3: col2im 6 ms against
-# 20 ms for the same adds as R·S NumPy strided slices. They stay single-threaded: prange over
-# channels ran them ~2x faster in isolation but left the training step unchanged (0.85 s).
+# The columns are batch-innermost ("CHWN"): with n innermost, each GEMM pass is one large product
+# instead of N small ones. im2col and col2im are compiled numba loops (kernels/im2col.py).
 
 
 def _is_pointwise(w, stride, padding):
@@ -121,61 +106,7 @@ def _is_pointwise(w, stride, padding):
     return w.shape[2] == w.shape[3] == stride == 1 and padding == 0
 
 
-@njit(cache=True)
-def _im2col_into(x, stride, padding, cols):
-    """cols[c, r, s, i, j, n] = x_pad[n, c, iσ + r, jσ + s]: X̂ as (C, R, S, Ho, Wo, N)."""
-    n, c, h, w = x.shape
-    kh, kw, out_h, out_w = cols.shape[1], cols.shape[2], cols.shape[3], cols.shape[4]
-    x_pad = np.zeros((h + 2 * padding, w + 2 * padding, n), cols.dtype)  # one channel, CHWN
-    for ci in range(c):  # each channel overwrites the interior; the zero border stays
-        for b in range(n):
-            for i in range(h):
-                for j in range(w):
-                    x_pad[i + padding, j + padding, b] = x[b, ci, i, j]
-        for r in range(kh):
-            for s in range(kw):
-                for i in range(out_h):
-                    for j in range(out_w):
-                        for b in range(n):
-                            cols[ci, r, s, i, j, b] = x_pad[i * stride + r, j * stride + s, b]
-
-
-@njit(cache=True)
-def _col2im_into(dcols, stride, padding, dx):
-    """The adjoint of _im2col_into: dx_pad[n, c, iσ + r, jσ + s] += dcols[c, r, s, i, j, n], then the
-    padding is cropped (windows of neighbouring offsets overlap, so they add)."""
-    n, c, h, w = dx.shape
-    kh, kw, out_h, out_w = dcols.shape[1], dcols.shape[2], dcols.shape[3], dcols.shape[4]
-    dx_pad = np.empty((h + 2 * padding, w + 2 * padding, n), dcols.dtype)  # one channel, CHWN
-    for ci in range(c):
-        dx_pad[:] = 0
-        for r in range(kh):
-            for s in range(kw):
-                for i in range(out_h):
-                    for j in range(out_w):
-                        for b in range(n):
-                            dx_pad[i * stride + r, j * stride + s, b] += dcols[ci, r, s, i, j, b]
-        for b in range(n):
-            for i in range(h):
-                for j in range(w):
-                    dx[b, ci, i, j] = dx_pad[i + padding, j + padding, b]
-
-
-def _im2col(x, kh, kw, stride, padding, out_h, out_w):
-    """X̂ as a (C·R·S, Ho·Wo·N) matrix."""
-    cols = np.empty((x.shape[1], kh, kw, out_h, out_w, x.shape[0]), x.dtype)
-    _im2col_into(x, stride, padding, cols)
-    return cols.reshape(x.shape[1] * kh * kw, -1)
-
-
-def _col2im(dcols, x_shape, kh, kw, stride, padding, out_h, out_w):
-    """dx (N, C, H, W) from dX̂ (C·R·S, Ho·Wo·N)."""
-    dx = np.empty(x_shape, dcols.dtype)
-    _col2im_into(dcols.reshape(x_shape[1], kh, kw, out_h, out_w, x_shape[0]), stride, padding, dx)
-    return dx
-
-
-def conv2d_cpu(x, w, b, stride, padding):
+def conv2d_forward_cpu(x, w, b, stride, padding):
     """y = W X̂ + b by im2col and one GEMM (Chellapilla et al. 2006) -> (y, saved); saved keeps the
     columns X̂ for dW = dY X̂ᵀ (for a pointwise conv, x itself)."""
     out_h, out_w = _check_args(x, w, b, stride, padding)
@@ -189,7 +120,7 @@ def conv2d_cpu(x, w, b, stride, padding):
         if b is not None:
             y += b.reshape(k, 1, 1)
     else:
-        cols = _im2col(x, kh, kw, stride, padding, out_h, out_w)
+        cols = im2col(x, kh, kw, stride, padding, out_h, out_w)
         y_chwn = (w_rows @ cols).reshape(k, out_h, out_w, n)
         bias = 0 if b is None else b.reshape(k, 1, 1, 1)
         np.add(y_chwn, bias, out=y.transpose(1, 2, 3, 0))  # the bias rides on the copy back to NCHW
@@ -198,7 +129,7 @@ def conv2d_cpu(x, w, b, stride, padding):
 
 
 def conv2d_backward_cpu(saved, dy):
-    """(dx, dw, db) of conv2d_cpu: dW = dY X̂ᵀ and dX̂ = Wᵀ dY (one GEMM each), dx = col2im(dX̂),
+    """(dx, dw, db) of conv2d_forward_cpu: dW = dY X̂ᵀ and dX̂ = Wᵀ dY (one GEMM each), dx = col2im(dX̂),
     db = Σ dy."""
     cols, w, x_shape = saved["cols"], saved["w"], saved["x_shape"]
     k, _, kh, kw = w.shape
@@ -213,7 +144,7 @@ def conv2d_backward_cpu(saved, dy):
     else:
         dy_rows = np.ascontiguousarray(dy.transpose(1, 2, 3, 0)).reshape(k, -1)  # (K, Ho·Wo·N)
         dw = dy_rows @ cols.T
-        dx = _col2im(w_rows.T @ dy_rows, x_shape, kh, kw, saved["stride"], saved["padding"], out_h, out_w)
+        dx = col2im(w_rows.T @ dy_rows, x_shape, kh, kw, saved["stride"], saved["padding"], out_h, out_w)
         db = dy_rows.sum(axis=1)
     return dx, dw.reshape(w.shape), db
 
@@ -232,18 +163,6 @@ PADDED_TILE = TILE + 1
 # Backward-weight v2 has only K·C·R·S/TILE² output tiles (36 for K = C = 32, 3×3) but a long sum over
 # N·Ho·Wo pixels: split the sum until about this many blocks run, ~4 per SM of a 132-SM H100.
 WEIGHT_GRAD_BLOCKS = 512
-
-ZERO = float32(0)  # a float32 constant: a Python 0.0 would promote the sums to float64
-
-
-@device_function
-def unravel(idx, a):
-    """(i0, i1, i2, i3) such that a[i0, i1, i2, i3] is element idx of the C-ordered 4-D array a."""
-    i3 = idx % a.shape[3]
-    idx //= a.shape[3]
-    i2 = idx % a.shape[2]
-    idx //= a.shape[2]
-    return idx // a.shape[1], idx % a.shape[1], i2, i3
 
 
 @device_function
@@ -281,23 +200,6 @@ def dilated_or_zero(dy, n, k, h, v, stride):
         if i < dy.shape[2] and j < dy.shape[3]:
             return dy[n, k, i, j]
     return ZERO
-
-
-@device_function
-def block_sum(buf, value):
-    """Σ of `value` over the block's threads, returned to every thread (shared-memory tree)."""
-    tid = cuda.threadIdx.x
-    buf[tid] = value
-    cuda.syncthreads()
-    half = cuda.blockDim.x // 2
-    while half > 0:
-        if tid < half:
-            buf[tid] += buf[tid + half]
-        cuda.syncthreads()
-        half //= 2
-    total = buf[0]
-    cuda.syncthreads()  # every thread has read buf[0] before the next call overwrites it
-    return total
 
 
 @device_function
@@ -380,7 +282,9 @@ def conv2d_backward_data_v1(dy, w, stride, padding, dx):
 def conv2d_backward_data_v2(dy, w, stride, padding, dx):
     """Backward-data as the implicit GEMM of the forward v2 on transformed operands:
     dX[c, p] = Σ_{q=(k,r,s)} W'[c, q]·D̂[q, p], W'[c, (k, r, s)] = w[k, c, r, s] (transposed; the
-    flip is in D̂'s index), D̂[(k, r, s), (n, h, v)] = dy dilated at (h + π − r, v + π − s)."""
+    flip is in D̂'s index), D̂[(k, r, s), (n, h, v)] = dy dilated at (h + π − r, v + π − s).
+    The forward v2's tile loop written again on purpose: only the operands' gathers differ, and numba
+    device code cannot take the gather as an argument."""
     w_tile = cuda.shared.array((TILE, TILE), float32)
     dy_tile = cuda.shared.array((TILE, TILE), float32)
     ty, tx = cuda.threadIdx.y, cuda.threadIdx.x
@@ -462,22 +366,10 @@ def conv2d_backward_weight_v2(x, dy, stride, padding, chunk, dw_part):
         dw_part[cuda.blockIdx.z, k, c, r, s] = acc
 
 
-@kernel("void(float32[:,::1], float32[::1])")
-def sum_partials(part, out):
-    """out[e] = Σ_z part[z, e]: the second stage of the split backward-weight sum (one thread per
-    weight; consecutive threads read consecutive e, so the loads coalesce)."""
-    e = cuda.grid(1)
-    if e < out.shape[0]:
-        acc = ZERO
-        for z in range(part.shape[0]):
-            acc += part[z, e]
-        out[e] = acc
-
-
 @kernel("void(float32[:,:,::1], float32[::1])")
-def conv2d_bias_grad(dy, db):
+def conv2d_backward_bias_v1(dy, db):
     """db[k] = Σ_{n,l} dy[n, k, l] (dy as (N, K, Ho·Wo)): block k strides over its N·Ho·Wo values,
-    then a shared-memory tree adds the threads' partial sums."""
+    then a shared-memory tree adds the threads' partial sums. v2 uses it too."""
     buf = cuda.shared.array(THREADS, float32)
     k = cuda.blockIdx.x
     pixels = dy.shape[2]
@@ -491,16 +383,6 @@ def conv2d_bias_grad(dy, db):
 
 
 # ---- launchers (NumPy arrays under the simulator, CuPy arrays on a GPU) ------------------------
-VERSIONS = (1, 2)
-
-
-def _require_float32(**arrays):
-    bad = [name for name, a in arrays.items() if a.dtype != np.float32 or not a.flags.c_contiguous]
-    if bad:
-        raise ValueError(f"conv2d CUDA kernels need C-contiguous float32 arrays: {', '.join(bad)} "
-                         f"{'is' if len(bad) == 1 else 'are'} not")
-
-
 def _reduction_threads(count):
     """Threads for one block per output summing `count` values: a power of two (for the tree), at
     most THREADS and no more than the values (idle threads would only add zeros)."""
@@ -508,15 +390,15 @@ def _reduction_threads(count):
 
 
 def _check_version(version):
-    if version not in VERSIONS:
-        raise ValueError(f"conv2d CUDA has versions {VERSIONS}, got version={version}")
+    if version not in BENCH.cuda_versions:
+        raise ValueError(f"conv2d CUDA has versions {BENCH.cuda_versions}, got version={version}")
 
 
-def conv2d_cuda(x, w, b, stride, padding, version=2):
+def conv2d_forward_cuda(x, w, b, stride, padding, version=2):
     """conv2d forward on the GPU -> (y, saved); saved keeps x, w and the launch options."""
     out_h, out_w = _check_args(x, w, b, stride, padding)
     _check_version(version)
-    _require_float32(x=x, w=w, **({} if b is None else {"b": b}))
+    require_float32("conv2d", x=x, w=w, **({} if b is None else {"b": b}))
     xp = array_module(x)
     bias = xp.zeros(w.shape[0], np.float32) if b is None else b  # K zeros: cheaper than a 2nd kernel
     y = xp.empty((x.shape[0], w.shape[0], out_h, out_w), np.float32)
@@ -530,7 +412,7 @@ def conv2d_cuda(x, w, b, stride, padding, version=2):
 
 
 def _weight_grad_v2(x, dy, w_shape, stride, padding):
-    """dW by the split tiled GEMM: partial sums over pixel chunks, then sum_partials."""
+    """dW by the split tiled GEMM: partial sums over pixel chunks, then their column sum."""
     xp = array_module(x)
     k, c, kh, kw = w_shape
     pixels = dy.shape[0] * dy.shape[2] * dy.shape[3]
@@ -542,39 +424,36 @@ def _weight_grad_v2(x, dy, w_shape, stride, padding):
     dw_part = xp.empty((splits,) + tuple(w_shape), np.float32)
     conv2d_backward_weight_v2[grid_xy + (splits,), (TILE, TILE)](
         x, dy, np.int32(stride), np.int32(padding), np.int32(chunk), dw_part)
-    dw = xp.empty(w_shape, np.float32)
-    sum_partials[ceil_div(dw.size, THREADS), THREADS](dw_part.reshape(splits, -1), dw.reshape(-1))
-    return dw
+    return sum_columns(dw_part.reshape(splits, -1)).reshape(w_shape)
 
 
 def conv2d_backward_cuda(saved, dy, version=None):
-    """(dx, dw, db) of conv2d_cuda, by the version of the forward unless `version` is given."""
+    """(dx, dw, db) of conv2d_forward_cuda, by the version of the forward unless `version` is given."""
     x, w, stride, padding = saved["x"], saved["w"], saved["stride"], saved["padding"]
     version = saved["version"] if version is None else version
     _check_version(version)
     out_shape = (x.shape[0], w.shape[0]) + _check_args(x, w, None, stride, padding)
     if dy.shape != out_shape:
         raise ValueError(f"conv2d backward: dy {dy.shape} must be the output shape {out_shape}")
-    _require_float32(dy=dy)
+    require_float32("conv2d", dy=dy)
     xp = array_module(x)
     dx = xp.empty(x.shape, np.float32)
     data_args = (dy, w, np.int32(stride), np.int32(padding), dx)
+    threads = _reduction_threads(dy.shape[0] * dy.shape[2] * dy.shape[3])  # per dw (v1) and db element
     if version == 1:
         conv2d_backward_data_v1[ceil_div(dx.size, THREADS), THREADS](*data_args)
         dw = xp.empty(w.shape, np.float32)
-        threads = _reduction_threads(dy.shape[0] * dy.shape[2] * dy.shape[3])
         conv2d_backward_weight_v1[w.size, threads](x, dy, np.int32(stride), np.int32(padding), dw)
     else:
         pixels = x.shape[0] * x.shape[2] * x.shape[3]
         conv2d_backward_data_v2[(ceil_div(pixels, TILE), ceil_div(x.shape[1], TILE)), (TILE, TILE)](*data_args)
         dw = _weight_grad_v2(x, dy, w.shape, stride, padding)
     db = xp.empty(w.shape[0], np.float32)
-    threads = _reduction_threads(dy.shape[0] * dy.shape[2] * dy.shape[3])
-    conv2d_bias_grad[w.shape[0], threads](dy.reshape(dy.shape[0], dy.shape[1], -1), db)
+    conv2d_backward_bias_v1[w.shape[0], threads](dy.reshape(dy.shape[0], dy.shape[1], -1), db)
     return dx, dw, db
 
 
-# ---- benchmark description ---------------------------------------------------------------------
+# ---- the version table and the benchmark description ------------------------------------------
 def _make_case(shape, xp, seed):
     rng = np.random.default_rng(seed)
     n, c, h, w, k, kh, kw = (shape[key] for key in ("N", "C", "H", "W", "K", "R", "S"))
@@ -589,28 +468,11 @@ def _make_case(shape, xp, seed):
     return case
 
 
-def _host64(a):
-    """A float64 NumPy copy: the reference computes in float64, the ground truth for float32 runs."""
-    return (a.get() if hasattr(a, "get") else a).astype(np.float64)
-
-
 def _reference(case, direction):
-    x, w, b, dy = (_host64(case[key]) for key in ("x", "w", "b", "dy"))
+    x, w, b, dy = (host64(case[key]) for key in ("x", "w", "b", "dy"))
     if direction == "forward":
-        return (conv2d_reference(x, w, b, case["stride"], case["padding"]),)
+        return (conv2d_forward_reference(x, w, b, case["stride"], case["padding"]),)
     return conv2d_backward_reference(x, w, dy, case["stride"], case["padding"])
-
-
-def _args(case):
-    return case["x"], case["w"], case["b"], case["stride"], case["padding"]
-
-
-def _saved_once(case, key, forward):
-    """The forward's saved arrays, made on the first call and kept in the case, so that repeated
-    backward timings exclude the forward."""
-    if key not in case:
-        case[key] = forward(case)[1]
-    return case[key]
 
 
 def _flops(shape, direction):
@@ -631,46 +493,38 @@ def _bytes(shape, direction):
     return 4 * (x + w + y + x + w + k)  # read x, w, dy; write dx, dw, db
 
 
-def _version(name, direction, backend, forward, backward, idea):
-    """A Version whose backward reuses a forward's saved arrays (made once per case)."""
-    if direction == "forward":
-        return Version(name, direction, backend, lambda case: (forward(case)[0],), idea)
-    return Version(name, direction, backend,
-                   lambda case: backward(_saved_once(case, f"{name}_saved", forward), case["dy"]), idea)
+def _forward(fn, **options):
+    return lambda case: fn(case["x"], case["w"], case["b"], case["stride"], case["padding"], **options)
 
 
-def _cuda_forward(version):
-    return lambda case: conv2d_cuda(*_args(case), version=version)
-
-
-_cpu_forward = lambda case: conv2d_cpu(*_args(case))  # noqa: E731
+VERSIONS = (
+    Version("reference",
+            "NumPy, one einsum per kernel offset (r, s) over the zero-padded x (dx by strided adds): "
+            "the ground truth",
+            lambda case: (conv2d_forward_reference(case["x"], case["w"], case["b"], case["stride"],
+                                                   case["padding"]), None),
+            lambda case, _: conv2d_backward_reference(case["x"], case["w"], case["dy"], case["stride"],
+                                                      case["padding"])),
+    Version("cpu",
+            "im2col into batch-innermost (C·R·S, Ho·Wo·N) columns by a compiled numba loop, then one "
+            "BLAS GEMM per pass (dW = dY X̂ᵀ on the kept columns, dX̂ = WᵀdY, col2im by the matching "
+            "numba loop of adds); a 1×1 stride-1 conv skips im2col: x is its own column matrix",
+            _forward(conv2d_forward_cpu), saved_backward(conv2d_backward_cpu)),
+    Version("cuda_v1",
+            "direct: one thread per y (and per dx) element looping over (c, r, s) (and (k, r, s)) "
+            "from global memory; one block per dw element and per db element, shared-memory tree sums",
+            _forward(conv2d_forward_cuda, version=1), saved_backward(conv2d_backward_cuda)),
+    Version("cuda_v2",
+            "implicit GEMM: 16×16 shared-memory tiles of W and of X̂ (gathered from x on the fly, never "
+            "materialised), so each value loaded is used 16 times instead of once; backward-data is the "
+            "same tiled GEMM on the flipped, transposed w and the dilated dy (a gather: no atomics); dW "
+            "is split over pixel chunks to fill the GPU, then a column sum adds the chunks (no "
+            "atomics); db as v1",
+            _forward(conv2d_forward_cuda, version=2), saved_backward(conv2d_backward_cuda)),
+)
 
 BENCH = OpBench(
-    name="conv2d",
-    make_case=_make_case,
-    reference=_reference,
-    flops=_flops,
-    bytes=_bytes,
-    versions=[
-        Version("reference", "forward", "cpu", lambda case: (conv2d_reference(*_args(case)),),
-                "one einsum per kernel offset (r, s) over the zero-padded x"),
-        Version("reference", "backward", "cpu",
-                lambda case: conv2d_backward_reference(case["x"], case["w"], case["dy"], case["stride"],
-                                                       case["padding"]),
-                "one einsum per offset for dx (strided adds) and dw"),
-        _version("cpu", "forward", "cpu", _cpu_forward, None,
-                 "batch-innermost im2col (R·S window copies) + one BLAS GEMM"),
-        _version("cpu", "backward", "cpu", _cpu_forward, conv2d_backward_cpu,
-                 "dW = dY X̂ᵀ on the saved columns, dX̂ = WᵀdY, both one GEMM; col2im by R·S strided adds"),
-        _version("cuda_v1", "forward", "cuda", _cuda_forward(1), None,
-                 "direct: one thread per output, Σ over (c, r, s) from global memory"),
-        _version("cuda_v1", "backward", "cuda", _cuda_forward(1), conv2d_backward_cuda,
-                 "direct gather per dx element; one block per dw element with a shared-memory sum"),
-        _version("cuda_v2", "forward", "cuda", _cuda_forward(2), None,
-                 "implicit GEMM, 16×16 shared tiles of W and gathered X̂: each load reused 16×"),
-        _version("cuda_v2", "backward", "cuda", _cuda_forward(2), conv2d_backward_cuda,
-                 "the same tiled GEMM on the dilated dy and transposed w; dW split over pixel chunks"),
-    ],
+    "conv2d", _make_case, _reference, _flops, _bytes, VERSIONS,
     shapes=[dict(N=64, C=32, H=28, W=28, K=32, R=3, S=3, stride=1, padding=1),
             dict(N=64, C=64, H=14, W=14, K=64, R=3, S=3, stride=1, padding=1),
             dict(N=64, C=128, H=7, W=7, K=64, R=3, S=3, stride=1, padding=1),
@@ -679,5 +533,4 @@ BENCH = OpBench(
                 dict(N=1, C=2, H=6, W=7, K=3, R=1, S=3, stride=2, padding=0)],
     # dw sums N·Ho·Wo ≈ 50k float32 products of size ~1 at the default shapes: its rounding error
     # (~1e-4 absolute) would fail a 1e-4 absolute tolerance wherever dw happens to be near 0.
-    atol=1e-3,
-)
+    shapes_atol=1e-3)

@@ -9,7 +9,6 @@ on PATH that accepts the PTX version).
 """
 import argparse
 import glob
-import importlib
 import os
 import re
 import shutil
@@ -17,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 
-OPS = ("conv2d", "group_norm", "attention")
+from . import OPS, load_bench
 
 
 def compile_all(ccs=((8, 0), (9, 0))):
@@ -28,7 +27,7 @@ def compile_all(ccs=((8, 0), (9, 0))):
 
     from ._cuda import PTX_KERNELS
     for op in OPS:
-        importlib.import_module(f"tinyddpm.kernels.{op}")
+        load_bench(op)  # importing an op's module registers its kernels
     return [(name, cc, compile_ptx(fn, signature, cc=cc)[0])
             for name, fn, signature in PTX_KERNELS for cc in ccs]
 

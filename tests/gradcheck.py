@@ -1,7 +1,23 @@
-"""Finite-difference gradient check shared by the test modules."""
+"""Finite differences shared by the test modules: the numeric gradient of a scalar function of one
+array, and the check of every input gradient of an engine function against it."""
 import numpy as np
 
 import tinyddpm as td
+
+
+def numeric_gradient(objective, array, eps=1e-6):
+    """∂objective()/∂array by central differences (objective() − at array ± eps·e_i), perturbing
+    `array` in place and restoring it."""
+    grad = np.zeros_like(array)
+    for idx in np.ndindex(array.shape):
+        original = array[idx]
+        array[idx] = original + eps
+        plus = objective()
+        array[idx] = original - eps
+        minus = objective()
+        array[idx] = original
+        grad[idx] = (plus - minus) / (2 * eps)
+    return grad
 
 
 def gradcheck(fn, *arrays, seed=0, eps=1e-6, rtol=1e-5, atol=1e-8):
@@ -18,14 +34,6 @@ def gradcheck(fn, *arrays, seed=0, eps=1e-6, rtol=1e-5, atol=1e-8):
             return float((fn(*tensors).data * upstream).sum())
 
     for i, t in enumerate(tensors):
-        numeric = np.zeros_like(t.data)
-        for idx in np.ndindex(t.shape):
-            original = t.data[idx]
-            t.data[idx] = original + eps
-            plus = objective()
-            t.data[idx] = original - eps
-            minus = objective()
-            t.data[idx] = original
-            numeric[idx] = (plus - minus) / (2 * eps)
+        numeric = numeric_gradient(objective, t.data, eps)
         analytic = np.zeros_like(numeric) if t.grad is None else t.grad
         np.testing.assert_allclose(analytic, numeric, rtol=rtol, atol=atol, err_msg=f"input {i}")

@@ -4,17 +4,17 @@ U-Net's loss and gradients on `cuda` against `cpu`.
 Deselected by default (setup.cfg: -m "not cuda"); with a GPU run
     TINYDDPM_TEST_DEVICE=cuda python -m pytest -m cuda
 """
-import importlib
-
 import numpy as np
 import pytest
 
 import tinyddpm as td
 from tinyddpm.device import to_device, to_numpy
-from tinyddpm.unet import PRESETS, UNet
+from tinyddpm.kernels import OPS, load_bench
+from tinyddpm.kernels._bench import validate
+from tinyddpm.train import PRESETS
+from tinyddpm.unet import UNet
 
 pytestmark = pytest.mark.cuda
-OPS = ("conv2d", "group_norm", "attention")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,35 +26,26 @@ def gpu():
     return cupy
 
 
-def benches():
+def every_cuda_version_and_pass():
     for op in OPS:
-        bench = importlib.import_module(f"tinyddpm.kernels.{op}").BENCH
-        for b in [bench] + list(bench.extra.values()):
-            for v in b.versions:
-                if v.backend == "cuda":
-                    yield pytest.param(b, v, id=f"{b.name}-{v.name}-{v.direction}")
+        bench = load_bench(op)
+        for version in bench.versions:
+            if version.backend == "cuda":
+                for direction in version.directions:
+                    yield pytest.param(bench, version, direction, id=f"{op}-{version.name}-{direction}")
 
 
-@pytest.mark.parametrize("bench, version", list(benches()))
-def test_kernel_version_matches_reference_on_gpu(gpu, bench, version):
+@pytest.mark.parametrize("bench, version, direction", list(every_cuda_version_and_pass()))
+def test_kernel_version_matches_reference_on_gpu(gpu, bench, version, direction):
     # the simulator's odd shapes (no tile multiples) and the tiny preset's real ones
     for shape in bench.sim_shapes + bench.shapes:
-        case = bench.make_case(shape, gpu, seed=1)
-        host = {k: gpu.asnumpy(v) if isinstance(v, gpu.ndarray) else v for k, v in case.items()}
-        want = bench.reference(host, version.direction)
-        got = version.run(case)
-        for i, (g, w) in enumerate(zip(got, want)):
-            if g is None and w is None:
-                continue
-            np.testing.assert_allclose(gpu.asnumpy(g), w, rtol=bench.rtol, atol=bench.atol,
-                                       err_msg=f"{bench.name} {version.name} {version.direction} "
-                                               f"output {i} at {shape}")
+        validate(bench, version, direction, bench.make_case(shape, gpu, seed=1), bench.atol_at(shape))
 
 
 def unet_loss_and_grads(device, state, x, t, y, upstream):
     td.set_device(device)
     try:
-        model = UNet(PRESETS["smoke"])
+        model = UNet(PRESETS["smoke"].unet)
         model.load_state_dict(state)
         out = model(td.Tensor(to_device(x)), to_device(t), to_device(y))
         loss = (out * td.Tensor(to_device(upstream))).sum()
@@ -66,7 +57,7 @@ def unet_loss_and_grads(device, state, x, t, y, upstream):
 
 def test_unet_forward_and_backward_agree_between_cuda_and_cpu():
     td.random.manual_seed(0)
-    state = UNet(PRESETS["smoke"]).state_dict()
+    state = UNet(PRESETS["smoke"].unet).state_dict()
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 1, 28, 28)).astype(np.float32)
     t, y = np.array([0, 57, 199]), np.array([3, 10, 7])

@@ -2,6 +2,7 @@
 same values and gradients on `cudasim` (the numba.cuda kernels in the simulator) as on `cpu`."""
 import numpy as np
 import pytest
+from numba import cuda  # a module global: the simulator swaps its fake module into kernels' globals
 
 import tinyddpm as td
 import tinyddpm.functional as F
@@ -44,8 +45,8 @@ def test_block_matches_between_cudasim_and_cpu(seed):
 def test_cudasim_dispatches_to_the_cuda_kernels(monkeypatch):
     from tinyddpm.kernels import conv2d
     calls = []
-    real = conv2d.conv2d_cuda
-    monkeypatch.setattr(conv2d, "conv2d_cuda", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = conv2d.conv2d_forward_cuda
+    monkeypatch.setattr(conv2d, "conv2d_forward_cuda", lambda *a, **k: calls.append(1) or real(*a, **k))
     td.set_device("cudasim")
     try:
         x = td.Tensor(np.ones((1, 1, 3, 3), np.float32))
@@ -83,3 +84,20 @@ def test_simulated_shared_array_is_one_array_per_call_site_under_thread_switches
             assert all(a is got[0] for a in got)
     finally:
         sys.setswitchinterval(switch_interval)
+
+
+def test_shared_device_functions_see_the_simulated_cuda_module_for_the_whole_launch():
+    # kernels/_cuda.py pins its fake-`cuda` swap for a launch (a rare race otherwise let a thread of a
+    # shared device function see the real numba.cuda, which has no threadIdx)
+    from tinyddpm.kernels import _cuda
+    real, seen = cuda, []
+
+    @cuda.jit
+    def record(out):
+        out[cuda.threadIdx.x] = 1.0
+        seen.append(_cuda.cuda is real)  # the simulator runs this body as Python: record what it sees
+
+    out = np.zeros(32, np.float32)
+    record[1, 32](out)
+    assert out.sum() == 32 and seen == [False] * 32
+    assert _cuda.cuda is real  # restored after the launch

@@ -277,3 +277,13 @@ def test_from_model_range_rounds_and_clips(dtype):
 def test_to_model_range_wants_uint8_images():
     with pytest.raises(ValueError, match="expected uint8 images"):
         data.to_model_range(np.zeros((2, 28, 28), np.float32))
+
+
+def test_mean_pool_averages_blocks_and_rejects_sizes_that_do_not_divide():
+    x = np.arange(2 * 1 * 28 * 28, dtype=np.float32).reshape(2, 1, 28, 28)
+    pooled = data.mean_pool(x, 7)
+    assert pooled.shape == (2, 1, 7, 7) and pooled.dtype == np.float32
+    np.testing.assert_allclose(pooled[1, 0, 2, 3], x[1, 0, 8:12, 12:16].mean(), rtol=1e-6)
+    assert data.mean_pool(x, 28) is x
+    with pytest.raises(ValueError, match="must divide"):
+        data.mean_pool(x, 8)

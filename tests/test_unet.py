@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 import tinyddpm as td
-from tinyddpm.unet import PRESETS, UNet, UNetConfig, timestep_embedding
+from tinyddpm.train import PRESETS
+from tinyddpm.unet import UNet, UNetConfig, timestep_embedding
 
-SMOKE = PRESETS["smoke"]
+SMOKE = PRESETS["smoke"].unet
 
 
 def batch(n=2, seed=0):
@@ -15,11 +16,12 @@ def batch(n=2, seed=0):
     return td.Tensor(rng.standard_normal((n, 1, 28, 28)).astype(np.float32)), rng.integers(0, 200, n)
 
 
-@pytest.mark.parametrize("preset", ["smoke", "tiny"])
+@pytest.mark.parametrize("preset", ["sim", "smoke", "tiny"])
 def test_output_has_the_input_shape(preset):
-    x, t = batch()
-    out = UNet(PRESETS[preset])(x, t, np.array([3, 7]))
-    assert out.shape == (2, 1, 28, 28) and out.dtype == np.float32
+    config = PRESETS[preset].unet
+    x = td.Tensor(np.random.default_rng(0).standard_normal(config.image_shape(2)).astype(np.float32))
+    out = UNet(config)(x, np.array([5, 150]), np.array([3, 7]))
+    assert out.shape == config.image_shape(2) and out.dtype == np.float32
 
 
 def test_class_label_changes_the_output_and_none_means_the_null_class():

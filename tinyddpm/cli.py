@@ -14,7 +14,7 @@ from .checkpoint import CheckpointError
 from .data import DataError
 from .device import DeviceError
 from .nn import StateDictError
-from .unet import PRESETS
+from .train import PRESETS
 
 
 class UsageError(Exception):
@@ -114,7 +114,8 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a U-Net on MNIST (Algorithm 1)")
-    t.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    t.add_argument("--preset", choices=list(PRESETS), default="tiny",
+                   help="a row of tinyddpm/train.py's PRESETS table (default tiny: the CPU run)")
     t.add_argument("--data-dir", help="directory with the MNIST IDX files (else cache, download, embedded subset)")
     t.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
     t.add_argument("--steps", type=_int_at_least(1))
@@ -172,12 +173,12 @@ def cmd_train(args):
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out pointing at the run to continue")
     overrides = {k: v for k, v in {
-        "preset": args.preset, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+        "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
         "schedule": args.schedule, "timesteps": args.timesteps, "prediction": args.prediction,
         "conditional": args.conditional, "p_uncond": args.p_uncond, "ema_decay": args.ema_decay,
         "seed": args.seed, "sample_every": args.sample_every, "ckpt_every": args.ckpt_every}.items()
         if v is not None}
-    config = dataclasses.replace(train.TrainConfig(), **{**train.PRESET_DEFAULTS[args.preset], **overrides})
+    config = train.TrainConfig.for_preset(args.preset, **overrides)
     out = args.out or os.path.join("runs", args.preset)
     trainer = train.Trainer(config, out, data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr),
                             resume=args.resume, overwrite=args.overwrite)

@@ -243,6 +243,18 @@ def load_mnist(split="train", root=None, download=True):
     return mnist
 
 
+def mean_pool(x, size):
+    """(N, C, H, H) → (N, C, size, size) by averaging k×k blocks, k = H/size (x itself when size = H).
+    Lets a smaller U-Net (the `sim` preset) train on MNIST."""
+    n, c, h, w = x.shape
+    if h == size == w:
+        return x
+    if h != w or h % size:
+        raise ValueError(f"cannot mean-pool {h}×{w} images to {size}×{size}: {size} must divide {h}")
+    k = h // size
+    return x.reshape(n, c, size, k, size, k).mean(axis=(3, 5), dtype=np.float32)
+
+
 def to_model_range(images):
     """uint8 images (N, H, W) in [0, 255] -> float32 (N, 1, H, W) in [-1, 1]: x = u / 127.5 - 1, the
     data scaling of Ho et al. (2020), Sec. 3.3, so the prior N(0, I) and the data share a scale."""

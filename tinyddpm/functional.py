@@ -5,7 +5,6 @@ Each Function is written once against ``xp`` (numpy or cupy, whichever owns the 
 group norm and attention call ``tinyddpm.kernels`` implementations chosen by the device.
 """
 import functools
-import importlib
 import math
 
 import numpy as np
@@ -40,15 +39,37 @@ def _unbroadcast(g, shape):
     return g.sum(axis=axes, keepdims=True) if axes else g
 
 
-@functools.cache
-def _kernel_module(op):
-    # Imported on first use: kernel modules load numba.cuda, which must come after set_device.
-    return importlib.import_module(f"tinyddpm.kernels.{op}")
+# The (forward, backward) kernels of each op, for the backend that serves array a. Each helper imports
+# its kernels when first called, not at the top of this module: kernel modules import numba.cuda, and
+# numba picks the simulator or the driver at that first import, which must follow set_device.
+def _by_backend(a, cpu, cuda):
+    return cuda if _dev.kernel_backend(a) == "cuda" else cpu
 
 
-def _kernel(op, name, a):
-    """kernels/<op>.py's ``<name>_cpu`` or ``<name>_cuda``, by the backend that serves array a."""
-    return getattr(_kernel_module(op), f"{name}_{_dev.kernel_backend(a)}")
+def _conv2d_kernels(a):
+    from .kernels.conv2d import conv2d_backward_cpu, conv2d_backward_cuda, conv2d_forward_cpu, conv2d_forward_cuda
+    return _by_backend(a, (conv2d_forward_cpu, conv2d_backward_cpu), (conv2d_forward_cuda, conv2d_backward_cuda))
+
+
+def _group_norm_kernels(a):
+    from .kernels.group_norm import (group_norm_backward_cpu, group_norm_backward_cuda, group_norm_forward_cpu,
+                                     group_norm_forward_cuda)
+    return _by_backend(a, (group_norm_forward_cpu, group_norm_backward_cpu),
+                       (group_norm_forward_cuda, group_norm_backward_cuda))
+
+
+def _group_norm_silu_kernels(a):
+    from .kernels.group_norm_silu import (group_norm_silu_backward_cpu, group_norm_silu_backward_cuda,
+                                          group_norm_silu_forward_cpu, group_norm_silu_forward_cuda)
+    return _by_backend(a, (group_norm_silu_forward_cpu, group_norm_silu_backward_cpu),
+                       (group_norm_silu_forward_cuda, group_norm_silu_backward_cuda))
+
+
+def _attention_kernels(a):
+    from .kernels.attention import (attention_backward_cpu, attention_backward_cuda, attention_forward_cpu,
+                                    attention_forward_cuda)
+    return _by_backend(a, (attention_forward_cpu, attention_backward_cpu),
+                       (attention_forward_cuda, attention_backward_cuda))
 
 
 # ---- elementwise arithmetic -----------------------------------------------------------------
@@ -460,8 +481,8 @@ class Conv2d(Function):
 
     def forward(self, x, w, b, stride, padding):
         x, w = _contiguous(x), _contiguous(w)
-        self.backward_impl = _kernel("conv2d", "conv2d_backward", x)
-        y, self.saved = _kernel("conv2d", "conv2d", x)(x, w, b, stride, padding)
+        forward, self.backward_impl = _conv2d_kernels(x)
+        y, self.saved = forward(x, w, b, stride, padding)
         return y
 
     def backward(self, g):
@@ -487,8 +508,8 @@ class GroupNorm(Function):
 
     def forward(self, x, weight, bias, num_groups, eps):
         x = _contiguous(x)
-        self.backward_impl = _kernel("group_norm", "group_norm_backward", x)
-        y, self.saved = _kernel("group_norm", "group_norm", x)(x, num_groups, weight, bias, eps)
+        forward, self.backward_impl = _group_norm_kernels(x)
+        y, self.saved = forward(x, num_groups, weight, bias, eps)
         return y
 
     def backward(self, g):
@@ -496,13 +517,13 @@ class GroupNorm(Function):
 
 
 class GroupNormSiLU(Function):
-    """y = silu(GroupNorm(x)) + emb[:, :, None, None], one fused pass (kernels/group_norm.py)."""
+    """y = silu(GroupNorm(x)) + emb[:, :, None, None], one fused pass (kernels/group_norm_silu.py)."""
 
     def forward(self, x, weight, bias, emb, num_groups, eps):
         x = _contiguous(x)
-        self.backward_impl = _kernel("group_norm", "group_norm_silu_backward", x)
+        forward, self.backward_impl = _group_norm_silu_kernels(x)
         emb = None if emb is None else _contiguous(emb)
-        y, self.saved = _kernel("group_norm", "group_norm_silu", x)(x, num_groups, weight, bias, emb, eps)
+        y, self.saved = forward(x, num_groups, weight, bias, emb, eps)
         return y
 
     def backward(self, g):
@@ -550,8 +571,8 @@ class ScaledDotProductAttention(Function):
 
     def forward(self, q, k, v):
         q, k, v = _contiguous(q), _contiguous(k), _contiguous(v)
-        self.backward_impl = _kernel("attention", "attention_backward", q)
-        out, self.saved = _kernel("attention", "attention", q)(q, k, v)
+        forward, self.backward_impl = _attention_kernels(q)
+        out, self.saved = forward(q, k, v)
         return out
 
     def backward(self, g):

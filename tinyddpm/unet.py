@@ -50,17 +50,6 @@ class UNetConfig:
         return (n, self.in_channels, self.image_size, self.image_size)
 
 
-PRESETS = {
-    # proves the pipeline: trains and samples in well under 2 minutes on 2 cores
-    "smoke": UNetConfig(base_channels=16, channel_mults=(1, 2), attention_resolutions=(14,), num_groups=4),
-    # the CPU default: recognisable digits after ~30-45 minutes on 2 cores
-    "tiny": UNetConfig(),
-    # larger, meant for a GPU
-    "base": UNetConfig(base_channels=64, channel_mults=(1, 2, 2), blocks_per_level=2,
-                       attention_resolutions=(14, 7), dropout=0.1),
-}
-
-
 def timestep_embedding(t, dim):
     """Sinusoidal embedding (Vaswani et al. 2017, as in DDPM): [sin(t·ω_i), cos(t·ω_i)] with
     ω_i = 10000^(−i/(dim/2)), i < dim/2.  t: int (B,) → float32 (B, dim)."""
