@@ -23,7 +23,7 @@ import numpy as np
 from numba import float32
 
 from ._bench import OpBench, Version, host64, saved_backward
-from ._cuda import (ONE, SIMULATED, ZERO, array_module, block_sum, cuda, device_function, kernel, require_float32,
+from ._cuda import (ONE, ZERO, array_module, block_sum, cuda, device_function, kernel, require_float32,
                     sum_columns)
 
 
@@ -120,10 +120,9 @@ def group_norm_backward_cpu(saved, dy):
 # ---- CUDA kernels ------------------------------------------------------------------------------
 # One block per (sample, group) row: NCHW makes each row's M values contiguous. 256 threads (8 warps)
 # keep enough loads in flight to stream a row of a few thousand floats, and a power of two lets the
-# shared-memory trees halve cleanly. The simulator runs one Python thread per CUDA thread: 32 keeps
-# its launches fast while still striding rows longer than the block and climbing a 5-level tree (the
-# kernels read blockDim, not THREADS).
-THREADS = 32 if SIMULATED else 256
+# shared-memory trees halve cleanly. The simulator runs the same 256 (slow, but then every level of
+# the 8-level tree and every Welford/Chan merge a GPU runs is executed in the tests too).
+THREADS = 256
 
 
 @device_function
@@ -368,6 +367,7 @@ VERSIONS = (
 )
 
 SHAPES = [dict(N=64, C=32, H=28, W=28, G=8), dict(N=64, C=64, H=14, W=14, G=8), dict(N=64, C=64, H=7, W=7, G=8)]
-SIM_SHAPES = [dict(N=2, C=6, H=3, W=5, G=3), dict(N=1, C=4, H=7, W=1, G=1)]
+SIM_SHAPES = [dict(N=2, C=6, H=3, W=5, G=3), dict(N=1, C=4, H=7, W=1, G=1),
+              dict(N=1, C=2, H=13, W=11, G=1)]  # a row of 286 > THREADS: each thread strides it
 
 BENCH = OpBench("group_norm", make_case, _reference, _flops, traffic_bytes, VERSIONS, SHAPES, SIM_SHAPES)
