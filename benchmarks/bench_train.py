@@ -7,9 +7,12 @@ With PyTorch installed, a twin of the same U-Net (benchmarks/torch_twins.py) get
 its outputs and every parameter gradient must agree with tinyddpm's (relative 1e-4) before anything
 is timed. Each framework runs in a worker process of its own (so peak memory is its own), and the
 parent alternates them round by round (A B, B A, ...) so that background load hits both alike; each
-row is the median over the rounds. The first step (kernel compilation, allocator warm-up) is reported
+row is the median over the rounds. A training step is Trainer.train_step's: forward, backward, clipping,
+Adam, EMA, and the loss read back. The first step (kernel compilation, allocator warm-up) is reported
 apart from the steady state, every timed region ends with a device synchronisation, and the machine's
 sgemm rate is measured in the same run so each framework's GFLOP/s can be read as a % of it.
+tinyddpm's host costs of a step (numba launches, array-module calls, device→host transfers) are
+counted by tinyddpm.instrument and printed below the table.
 """
 import argparse
 import multiprocessing as mp
@@ -132,12 +135,16 @@ class Worker:
     def __init__(self, framework, args):
         import tinyddpm as td
         self.framework, self.args = framework, args
+        self.compile_seconds = 0.0
         if args.device != "cpu" and framework == "tinyddpm":
             td.set_device(args.device)
+            from tinyddpm.kernels import compile_all
+            _, self.compile_seconds = compile_all()  # reported apart from the first step
         td.device.retain_freed_memory()  # as `tinyddpm train` does; the same malloc setting for both
 
     def setup(self, batch_size):
-        """Build the model and batch; return (first training step s, first sampling run s, forward FLOPs)."""
+        """Build the model and batch; return (first training step s, first sampling run s, forward FLOPs,
+        and for tinyddpm the step's (numba launches, array-module calls, device→host transfers))."""
         import tinyddpm as td
         from tinyddpm import optim
         from tinyddpm.diffusion import GaussianDiffusion
@@ -145,29 +152,38 @@ class Worker:
         args, device = self.args, self.args.device
         model, x, t, y, _ = make_model_and_batch(args.preset, batch_size)
         flops = forward_flops(model, x, t, y)
+        # one step of training as Trainer.train_step runs it: loss, backward, clipping, Adam, EMA, the loss read back
         if self.framework == "tinyddpm":
-            opt, xt = optim.Adam(model.parameters(), lr=1e-4), td.Tensor(td.device.to_device(x))
-            target = td.device.to_device(np.zeros_like(x))
+            ema, opt = optim.EMA(model, 0.995), optim.Adam(model.parameters(), lr=1e-4)
+            xt, target = td.Tensor(td.device.to_device(x)), td.device.to_device(np.zeros_like(x))
 
             def step():
                 loss = td.functional.mse_loss(model(xt, t, y), target)
                 opt.zero_grad()
                 loss.backward()
+                optim.clip_grad_norm(opt.params, 1.0)
                 opt.step()
+                ema.update(model)
+                return loss.item()
             sampler_model = model
         else:
             import torch
             import torch_twins
             twin = torch_twins.UNet(model).to("cuda" if device == "cuda" else "cpu")
-            opt = torch.optim.Adam(twin.parameters(), lr=1e-4)
-            xt = torch.from_numpy(x).to(next(twin.parameters()).device)
+            params = list(twin.parameters())
+            opt, ema = torch.optim.Adam(params, lr=1e-4), [p.detach().clone() for p in params]
+            xt = torch.from_numpy(x).to(params[0].device)
             target = torch.zeros_like(xt)
 
             def step():
                 loss = torch.nn.functional.mse_loss(twin(xt, t, y), target)
                 opt.zero_grad()
                 loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
+                with torch.no_grad():
+                    torch._foreach_lerp_(ema, params, 1 - 0.995)  # s ← 0.995·s + 0.005·p, fused over all tensors
+                return loss.item()
             sampler_model = TorchAsTinyddpm(twin)
         diffusion = GaussianDiffusion(get_betas("linear", 1000))
 
@@ -176,7 +192,15 @@ class Worker:
                 diffusion.sample(sampler_model, x.shape, y=y, sampler="ddim", steps=args.ddim_steps, progress=False,
                                  rng=np.random.default_rng(0))
         self.step, self.sample = step, sample
-        return timed(step, device), timed(sample, device), flops
+        host_costs = None
+        if self.framework == "tinyddpm":  # counted on the first step, whose time already holds compilation
+            from tinyddpm import instrument
+            with instrument.count() as counts:
+                first_step = timed(step, device)
+            host_costs = counts.launches, counts.array_ops, counts.transfers
+        else:
+            first_step = timed(step, device)
+        return first_step, timed(sample, device), flops, host_costs
 
     def train(self):
         """Median seconds of --steps training steps."""
@@ -186,11 +210,13 @@ class Worker:
         return timed(self.sample, self.args.device)
 
     def info(self):
-        """(peak RSS MiB, this process's threads)."""
+        """(peak RSS MiB, this process's threads and kernel compile time)."""
         threads = thread_settings()
         if self.framework == "pytorch":
             import torch
             threads = f"torch {torch.__version__}: {torch.get_num_threads()} intra-op threads"
+        if self.compile_seconds:
+            threads += f"; compiling the CUDA kernels took {self.compile_seconds:.1f} s"
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, threads
 
 
@@ -271,7 +297,7 @@ def main(argv=None):
         pipes[name].send((method, argument))
         return pipes[name].recv()
 
-    rows = []
+    rows, costs = [], []
     for batch in args.batch_size:
         first = {name: ask(name, "setup", batch) for name in frameworks}
         train, sample = {n: [] for n in frameworks}, {n: [] for n in frameworks}
@@ -283,9 +309,11 @@ def main(argv=None):
                 sample[name].append(ask(name, "sampling"))
         for name in frameworks:
             step_s, sample_s = statistics.median(train[name]), statistics.median(sample[name])
-            first_step, first_sample, flops = first[name]
+            first_step, first_sample, flops, host_costs = first[name]
             rows.append((name, batch, first_step, first_sample, batch / step_s, batch * args.ddim_steps / sample_s,
                          3 * flops / step_s / 1e9, args.ddim_steps * flops / sample_s / 1e9))
+            if host_costs:
+                costs.append((batch, *host_costs))
     infos = {name: ask(name, "info") for name in frameworks}
     for name in frameworks:
         pipes[name].send(None)
@@ -302,6 +330,11 @@ def main(argv=None):
     for name, batch, s1, d1, img_s, samp, gf_train, gf_samp in rows:
         print(f"| {name} | {batch} | {s1:.2f} | {d1:.2f} | {img_s:.1f} | {samp:.1f} | {gf_train:.1f} "
               f"({100 * gf_train / peak:.0f}%) | {gf_samp:.1f} ({100 * gf_samp / peak:.0f}%) |")
+    print("\ntinyddpm's host costs per training step (tinyddpm.instrument; array-module calls are xp.f(...) "
+          "calls, on a GPU about one launch each; operators like a + b are not counted):")
+    print("\n| batch | numba kernel launches | array-module calls | device→host transfers |\n|---:|---:|---:|---:|")
+    for batch, launches, array_ops, transfers in costs:
+        print(f"| {batch} | {launches} | {array_ops} | {transfers} |")
     if len(frameworks) > 1:
         by = {(name, batch): (img_s, samp) for name, batch, _, _, img_s, samp, _, _ in rows}
         for batch in args.batch_size:

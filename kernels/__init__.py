@@ -19,3 +19,21 @@ def load_bench(op):
     if op not in OPS:
         raise ValueError(f"no kernel op {op!r}: the ops are {', '.join(OPS)}")
     return importlib.import_module(f"{__name__}.{op}").BENCH
+
+
+def compile_all():
+    """Compile every kernel of every op for its registered signature now — on a real GPU, once per
+    process, from numba's on-disk cache after the machine's first run — so the first training step
+    does not hide tens of seconds of compilation. Returns (kernels compiled, seconds); (0, 0.0) in the
+    simulator, which has no compiler."""
+    import time
+
+    for op in OPS:
+        importlib.import_module(f"{__name__}.{op}")
+    from ._cuda import DISPATCHERS, SIMULATED
+    if SIMULATED:
+        return 0, 0.0
+    t0 = time.perf_counter()
+    for dispatcher, signature in DISPATCHERS:
+        dispatcher.compile(signature)
+    return len(DISPATCHERS), time.perf_counter() - t0

@@ -67,17 +67,48 @@ def _pin_this_module_during_simulated_launches():
 if SIMULATED:
     _make_simulated_shared_arrays_thread_safe()
     _pin_this_module_during_simulated_launches()
+    # Every syncthreads() waits for all of a block's Python threads, and with the default 5 ms thread
+    # switch interval that wait dominates: switching every 0.1 ms makes a simulated U-Net step ~2.5x
+    # faster (0.01 ms is slower again).
+    sys.setswitchinterval(1e-4)
 
 # (qualified name, python function, signature) of every kernel, for compile_ptx in CI.
 PTX_KERNELS = []
+# (dispatcher, signature) of every kernel, for compile_all on a GPU.
+DISPATCHERS = []
 
 
 def kernel(signature):
-    """``cuda.jit`` a kernel and register it, with the signature it is compiled to PTX for."""
+    """``cuda.jit`` a kernel and register it, with the signature it is compiled to PTX for and by
+    ``compile_all``. The kernel still specialises on the first launch's argument types if they differ;
+    cache=True keeps every compiled kernel on disk, so only a machine's first process compiles it."""
     def wrap(fn):
         PTX_KERNELS.append((f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}", fn, signature))
-        return cuda.jit(fn)  # lazily specialised on the first launch's argument types
+        dispatcher = cuda.jit(cache=True)(fn)
+        DISPATCHERS.append((dispatcher, signature))
+        # the simulator's kernel[grid, block] sets the dims on the kernel object itself and returns it,
+        # so a cached one would launch with whatever dims the latest subscript set
+        return dispatcher if SIMULATED else Kernel(dispatcher)
     return wrap
+
+
+class Kernel:
+    """A kernel whose launch configurations ``kernel[grid, block]`` are built once per (grid, block) and
+    reused: numba builds a new one on every subscript (and checks the grid size for its low-occupancy
+    warning each time), and a training step launches the same few shapes hundreds of times. Anything
+    else is the numba dispatcher's."""
+
+    def __init__(self, dispatcher):
+        self.dispatcher, self._configurations = dispatcher, {}
+
+    def __getitem__(self, dims):
+        configured = self._configurations.get(dims)
+        if configured is None:
+            configured = self._configurations[dims] = self.dispatcher[dims]
+        return configured
+
+    def __getattr__(self, name):
+        return getattr(self.dispatcher, name)
 
 
 def device_function(fn):
@@ -146,6 +177,26 @@ def block_sum(buf, value):
 @device_function
 def block_max(buf, value):
     return block_reduce(buf, value, True)
+
+
+@device_function
+def block_sum3(buf3, a, b, c):
+    """(Σa, Σb, Σc) over the block's threads: block_sum's tree for three values at once in a (3, blockDim)
+    buf3, so the same sums in the same order with one syncthreads per level instead of three."""
+    tid = cuda.threadIdx.x
+    buf3[0, tid], buf3[1, tid], buf3[2, tid] = a, b, c
+    cuda.syncthreads()
+    half = cuda.blockDim.x // 2
+    while half > 0:
+        if tid < half:
+            buf3[0, tid] += buf3[0, tid + half]
+            buf3[1, tid] += buf3[1, tid + half]
+            buf3[2, tid] += buf3[2, tid + half]
+        cuda.syncthreads()
+        half //= 2
+    totals = buf3[0, 0], buf3[1, 0], buf3[2, 0]
+    cuda.syncthreads()  # every thread has read the totals before the next call overwrites them
+    return totals
 
 
 @kernel("void(float32[:,::1], float32[::1])")

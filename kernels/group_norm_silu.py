@@ -17,7 +17,7 @@ import numpy as np
 from numba import float32
 
 from ._bench import OpBench, Version, host64, saved_backward
-from ._cuda import HALF, ONE, ZERO, array_module, block_sum, cuda, device_function, kernel, sum_columns
+from ._cuda import HALF, ONE, ZERO, array_module, block_sum3, cuda, device_function, kernel, sum_columns
 from .group_norm import (SHAPES, SIM_SHAPES, THREADS, affine_cpu, as_rows, case_args, elements, forward_outputs,
                          grad_rows, group_norm_backward_reference, group_norm_forward_reference, make_case,
                          norm_backward_cpu, normalise_cpu, row_channels, traffic_bytes, welford_stats)
@@ -119,11 +119,12 @@ def silu_backward(d, x, row_mean, row_rstd, w, b):
 def group_norm_silu_backward_v1(x, dy, weight, bias, mean, rstd, groups, spatial, dx, dweight_part,
                                 dbias_part, demb):
     """group_norm_backward_v1 with dy → da = dy·silu'(a) recomputed in both passes; demb[n, c] = Σ_s dy
-    from the same channel pass. Its loops are group_norm_backward_v1's written again on purpose: one
-    shared loop would make the plain kernel sum a third accumulator and round x̂ differently."""
+    from the same channel pass, its three channel sums in one reduction tree (block_sum3). Its loops are
+    group_norm_backward_v1's written again on purpose: one shared loop would make the plain kernel sum
+    a third accumulator and round x̂ differently."""
     row = cuda.blockIdx.x
     tid = cuda.threadIdx.x
-    buf = cuda.shared.array(THREADS, float32)
+    buf3 = cuda.shared.array((3, THREADS), float32)
     n, first_channel, channels = row_channels(row, groups, weight.shape[0])
     row_mean, row_rstd = mean[row], rstd[row]
     sum_g, sum_gx = ZERO, ZERO
@@ -135,9 +136,7 @@ def group_norm_silu_backward_v1(x, dy, weight, bias, mean, rstd, groups, spatial
             acc_dy += dy[row, j]
             acc_da += da
             acc_dax += da * xhat
-        channel_dy = block_sum(buf, acc_dy)
-        channel_da = block_sum(buf, acc_da)
-        channel_dax = block_sum(buf, acc_dax)
+        channel_dy, channel_da, channel_dax = block_sum3(buf3, acc_dy, acc_da, acc_dax)
         if tid == 0:
             demb[n, c], dbias_part[n, c], dweight_part[n, c] = channel_dy, channel_da, channel_dax
         sum_g += weight[c] * channel_da
@@ -217,8 +216,8 @@ VERSIONS = (
             _forward(group_norm_silu_forward_cpu), saved_backward(group_norm_silu_backward_cpu)),
     Version("cuda_v1",
             "group_norm cuda_v2's forward with SiLU and + emb in its normalising pass, and cuda_v1's "
-            "backward with silu' recomputed in both passes and demb from the channel pass: no extra "
-            "round trip through DRAM",
+            "backward with silu' recomputed in both passes and demb from the channel pass (its three "
+            "channel sums in one reduction tree): no extra round trip through DRAM",
             _forward(group_norm_silu_forward_cuda), saved_backward(group_norm_silu_backward_cuda)),
 )
 

@@ -1,5 +1,4 @@
 import os
-import sys
 
 # numba picks the real CUDA driver or its CPU simulator when numba.cuda is first imported:
 # the test suite always simulates (no GPU here). PTX compilation runs in a subprocess without it.
@@ -8,10 +7,6 @@ if os.environ.get("TINYDDPM_TEST_DEVICE") != "cuda":
 
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
-
-# The simulator runs each CUDA thread as a Python thread; every syncthreads() waits for all of them,
-# and with the default 5 ms thread switch interval that dominates. Switch far more often.
-sys.setswitchinterval(1e-4)
 
 settings.register_profile("default", deadline=None, max_examples=25, derandomize=True)
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True, print_blob=True)

@@ -68,3 +68,32 @@ def test_unet_forward_and_backward_agree_between_cuda_and_cpu():
     for name, g in cpu_grads.items():
         scale = np.abs(g).max() + 1e-6
         np.testing.assert_allclose(gpu_grads[name] / scale, g / scale, atol=1e-3, err_msg=name)
+
+
+def test_device_dropout_generator_is_reproducible_and_resumable(gpu):
+    from tinyddpm import random as tdrandom
+    td.random.manual_seed(5)
+    first, second = tdrandom.uniform((1000,), gpu.zeros(1)), tdrandom.uniform((3, 7), gpu.zeros(1))
+    state_after_first = {"seed": 5, "offset": 1000}
+    td.random.manual_seed(5)
+    np.testing.assert_array_equal(to_numpy(tdrandom.uniform((1000,), gpu.zeros(1))), to_numpy(first))
+    assert tdrandom.get_device_state() == state_after_first
+    tdrandom.set_device_state(state_after_first)  # a resume continues the stream exactly
+    np.testing.assert_array_equal(to_numpy(tdrandom.uniform((3, 7), gpu.zeros(1))), to_numpy(second))
+    u = to_numpy(first)
+    assert u.dtype == np.float32 and 0 < u.min() and u.max() <= 1 and abs(u.mean() - 0.5) < 0.05
+
+
+def test_dropout_on_cuda_draws_its_mask_on_the_device():
+    from tinyddpm import instrument
+    td.set_device("cuda")
+    try:
+        td.random.manual_seed(0)
+        x = td.Tensor(to_device(np.ones((4, 1000), np.float32)))
+        with instrument.count() as counts:
+            y = td.functional.dropout(x, 0.25)
+        kept = to_numpy(y.data)
+    finally:
+        td.set_device("cpu")
+    assert counts.transfers == 0
+    assert set(np.unique(kept)) <= {0.0, np.float32(1 / 0.75)} and abs((kept > 0).mean() - 0.75) < 0.03

@@ -344,7 +344,12 @@ def main(argv=None):
         args = build_parser().parse_args(argv)
         if args.device != "cpu":
             from .device import set_device
+            from .kernels import compile_all
             set_device(args.device)
+            count, seconds = compile_all()
+            if count:
+                print(f"compiled {count} CUDA kernels in {seconds:.1f} s (kept in numba's cache for the next run)",
+                      file=sys.stderr)
         return COMMANDS[args.command](args)
     except (KeyboardInterrupt, SamplingInterrupted):
         print("tinyddpm: interrupted", file=sys.stderr)

@@ -95,6 +95,16 @@ def to_device(a, device=None):
 
 
 def to_numpy(a):
+    """``a`` as a NumPy array: read back through ``to_host`` when it lives on the GPU, as is otherwise."""
+    return to_host(a) if is_cupy(a) else np.asarray(a)
+
+
+def to_host(a):
+    """The one door from the device to the host: every read of device data (``Tensor.item()``,
+    ``Tensor.numpy()``, ``to_numpy`` of a GPU array) passes here. On a GPU each call waits for the
+    queued work and copies, so a training step should pass here once (its loss);
+    ``tinyddpm.instrument`` counts the calls. Tensor reads count on every device, so a count taken
+    on ``cpu`` is the one a ``cuda`` run would see."""
     return a.get() if is_cupy(a) else np.asarray(a)
 
 

@@ -1,8 +1,9 @@
 """Every differentiable op: one ``Function`` (forward and backward on arrays) plus its public function.
 
 Argument order and weight layouts follow torch.nn.functional, so a PyTorch twin loads the same weights.
-Each Function is written once against ``xp`` (numpy or cupy, whichever owns the input); conv2d,
-group norm and attention call ``tinyddpm.kernels`` implementations chosen by the device.
+Each Function is written once against ``xp`` (numpy or cupy, whichever owns the input). conv2d,
+group norm, GroupNorm·SiLU and attention, which call ``tinyddpm.kernels``, are in kernel_ops.py and
+re-exported here.
 """
 import functools
 import math
@@ -12,6 +13,9 @@ import numpy as np
 from . import device as _dev
 from . import random as _random
 from .tensor import Function, Tensor
+# the ops that run tinyddpm.kernels live in kernel_ops.py; they are part of this module's namespace
+from .kernel_ops import (Conv2d, GroupNorm, GroupNormSiLU, ScaledDotProductAttention, conv2d,  # noqa: F401
+                         group_norm, group_norm_silu, scaled_dot_product_attention)
 
 
 def _xp(a):
@@ -37,39 +41,6 @@ def _unbroadcast(g, shape):
     g = g.sum(axis=tuple(range(g.ndim - len(shape)))) if g.ndim > len(shape) else g
     axes = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
     return g.sum(axis=axes, keepdims=True) if axes else g
-
-
-# The (forward, backward) kernels of each op, for the backend that serves array a. Each helper imports
-# its kernels when first called, not at the top of this module: kernel modules import numba.cuda, and
-# numba picks the simulator or the driver at that first import, which must follow set_device.
-def _by_backend(a, cpu, cuda):
-    return cuda if _dev.kernel_backend(a) == "cuda" else cpu
-
-
-def _conv2d_kernels(a):
-    from .kernels.conv2d import conv2d_backward_cpu, conv2d_backward_cuda, conv2d_forward_cpu, conv2d_forward_cuda
-    return _by_backend(a, (conv2d_forward_cpu, conv2d_backward_cpu), (conv2d_forward_cuda, conv2d_backward_cuda))
-
-
-def _group_norm_kernels(a):
-    from .kernels.group_norm import (group_norm_backward_cpu, group_norm_backward_cuda, group_norm_forward_cpu,
-                                     group_norm_forward_cuda)
-    return _by_backend(a, (group_norm_forward_cpu, group_norm_backward_cpu),
-                       (group_norm_forward_cuda, group_norm_backward_cuda))
-
-
-def _group_norm_silu_kernels(a):
-    from .kernels.group_norm_silu import (group_norm_silu_backward_cpu, group_norm_silu_backward_cuda,
-                                          group_norm_silu_forward_cpu, group_norm_silu_forward_cuda)
-    return _by_backend(a, (group_norm_silu_forward_cpu, group_norm_silu_backward_cpu),
-                       (group_norm_silu_forward_cuda, group_norm_silu_backward_cuda))
-
-
-def _attention_kernels(a):
-    from .kernels.attention import (attention_backward_cpu, attention_backward_cuda, attention_forward_cpu,
-                                    attention_forward_cuda)
-    return _by_backend(a, (attention_forward_cpu, attention_backward_cpu),
-                       (attention_forward_cuda, attention_backward_cuda))
 
 
 # ---- elementwise arithmetic -----------------------------------------------------------------
@@ -328,6 +299,31 @@ def _is_basic_index(index):
     return all(isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in items)
 
 
+def _segment_sum(keys, values, n):
+    """out[j] = Σ_{i: keys[i] = j} values[i] for j < n: rows values (K, ...) → (n, ...), with no
+    atomics (xp.add.at adds with atomics on a GPU, in an order that varies from run to run), so the
+    same inputs give the same bits every time.
+
+    Sort by key, then an inclusive segmented scan (Hillis & Steele 1986): ⌈log₂K⌉ whole-array steps,
+    step d adding the partial sum d places back where its key is the same — a tree summation, error
+    growing as log K. Each j then gathers the scan at its key's last place (a binary search); a key
+    that never occurs gets 0."""
+    xp = _xp(values)
+    if len(keys) == 0:
+        return xp.zeros((n,) + values.shape[1:], dtype=values.dtype)
+    order = xp.argsort(keys, kind="stable")
+    keys, acc = keys[order], values[order]
+    row = (-1,) + (1,) * (values.ndim - 1)  # a per-row flag broadcast over the row's elements
+    d = 1
+    while d < len(keys):
+        same = (keys[d:] == keys[:-d]).reshape(row)
+        acc[d:] = acc[d:] + xp.where(same, acc[:-d], 0)
+        d *= 2
+    j = xp.arange(n)
+    last = xp.maximum(xp.searchsorted(keys, j, side="right") - 1, 0)
+    return xp.where((keys[last] == j).reshape(row), acc[last], 0)
+
+
 class GetItem(Function):
     def forward(self, a, index):
         self.shape, self.dtype, self.index = a.shape, a.dtype, index
@@ -335,12 +331,13 @@ class GetItem(Function):
 
     def backward(self, g):
         xp = _xp(g)
-        out = xp.zeros(self.shape, dtype=self.dtype)
         if _is_basic_index(self.index):
+            out = xp.zeros(self.shape, dtype=self.dtype)
             out[self.index] = g  # a view: every element is hit at most once
-        else:
-            xp.add.at(out, self.index, g)  # repeated indices accumulate
-        return (out,)
+            return (out,)
+        # advanced indexing may repeat elements: sum g per source element (flat position)
+        positions = xp.arange(math.prod(self.shape)).reshape(self.shape)[self.index]
+        return (_segment_sum(positions.ravel(), g.ravel(), math.prod(self.shape)).reshape(self.shape),)
 
 
 def getitem(a, index):
@@ -444,10 +441,9 @@ class Embedding(Function):
         return table[idx]
 
     def backward(self, g):
-        xp = _xp(g)
-        dtable = xp.zeros(self.shape, dtype=g.dtype)
-        xp.add.at(dtable, self.idx, g)
-        return (dtable,)
+        # dtable[r] = Σ of g's rows whose index is r (repeats accumulate); negative indices wrap as in forward
+        rows = _xp(g).arange(self.shape[0])[self.idx].ravel()
+        return (_segment_sum(rows, g.reshape((len(rows),) + self.shape[1:]), self.shape[0]),)
 
 
 def embedding(idx, table):
@@ -475,76 +471,6 @@ class Linear(Function):
 def linear(x, w, b=None): return Linear.apply(x, w, b)
 
 
-class Conv2d(Function):
-    """y[n,k] = Σ_{c,r,s} w[k,c,r,s] · x[n, c, h·stride + r − pad, w·stride + s − pad] + b[k]
-    (kernels/conv2d.py)."""
-
-    def forward(self, x, w, b, stride, padding):
-        x, w = _contiguous(x), _contiguous(w)
-        forward, self.backward_impl = _conv2d_kernels(x)
-        y, self.saved = forward(x, w, b, stride, padding)
-        return y
-
-    def backward(self, g):
-        dx, dw, db = self.backward_impl(self.saved, _contiguous(g))
-        return dx, dw, (db if self.needs_grad[2] else None)
-
-
-def _contiguous(a):
-    """CUDA kernels index C-contiguous arrays; the CPU kernels take any strides (they copy
-    where they transpose anyway), so only the cuda backend pays for a copy here."""
-    return _xp(a).ascontiguousarray(a) if _dev.kernel_backend(a) == "cuda" else a
-
-
-def conv2d(x, w, b=None, stride=1, padding=0):
-    if x.ndim != 4 or w.ndim != 4 or x.shape[1] != w.shape[1]:
-        raise ValueError(f"conv2d needs x (N, C, H, W) and w (K, C, R, S) with the same C, got {x.shape} and {w.shape}")
-    return Conv2d.apply(x, w, b, stride=stride, padding=padding)
-
-
-class GroupNorm(Function):
-    """y = (x − μ_g)/√(σ²_g + eps) · γ + β, statistics per (sample, group)  (Wu & He 2018;
-    kernels/group_norm.py)."""
-
-    def forward(self, x, weight, bias, num_groups, eps):
-        x = _contiguous(x)
-        forward, self.backward_impl = _group_norm_kernels(x)
-        y, self.saved = forward(x, num_groups, weight, bias, eps)
-        return y
-
-    def backward(self, g):
-        return self.backward_impl(self.saved, _contiguous(g))
-
-
-class GroupNormSiLU(Function):
-    """y = silu(GroupNorm(x)) + emb[:, :, None, None], one fused pass (kernels/group_norm_silu.py)."""
-
-    def forward(self, x, weight, bias, emb, num_groups, eps):
-        x = _contiguous(x)
-        forward, self.backward_impl = _group_norm_silu_kernels(x)
-        emb = None if emb is None else _contiguous(emb)
-        y, self.saved = forward(x, num_groups, weight, bias, emb, eps)
-        return y
-
-    def backward(self, g):
-        return self.backward_impl(self.saved, _contiguous(g))
-
-
-def _check_groups(x, num_groups):
-    if x.ndim < 2 or num_groups < 1 or x.shape[1] % num_groups:
-        raise ValueError(f"group_norm: num_groups={num_groups} must divide the {x.shape[1] if x.ndim > 1 else '?'} channels of x {x.shape}")
-
-
-def group_norm(x, num_groups, weight, bias, eps=1e-5):
-    _check_groups(x, num_groups)
-    return GroupNorm.apply(x, weight, bias, num_groups=num_groups, eps=eps)
-
-
-def group_norm_silu(x, num_groups, weight, bias, emb=None, eps=1e-5):
-    _check_groups(x, num_groups)
-    return GroupNormSiLU.apply(x, weight, bias, emb, num_groups=num_groups, eps=eps)
-
-
 class LayerNorm(Function):
     """y = (x − μ)/√(σ² + eps) · γ + β over the last dim (Ba et al. 2016; two-pass variance);
     dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)) with ĝ = g·γ."""
@@ -566,31 +492,12 @@ class LayerNorm(Function):
 def layer_norm(x, weight, bias, eps=1e-5): return LayerNorm.apply(x, weight, bias, eps=eps)
 
 
-class ScaledDotProductAttention(Function):
-    """O = softmax(Q Kᵀ/√d) V on (B, heads, L, d)  (Vaswani et al. 2017; kernels/attention.py)."""
-
-    def forward(self, q, k, v):
-        q, k, v = _contiguous(q), _contiguous(k), _contiguous(v)
-        forward, self.backward_impl = _attention_kernels(q)
-        out, self.saved = forward(q, k, v)
-        return out
-
-    def backward(self, g):
-        return self.backward_impl(self.saved, _contiguous(g))
-
-
-def scaled_dot_product_attention(q, k, v):
-    if q.ndim != 4 or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"attention needs q (B, H, Lq, d), k and v (B, H, Lk, d); got {q.shape}, {k.shape}, {v.shape}")
-    return ScaledDotProductAttention.apply(q, k, v)
-
-
 def dropout(x, p, training=True):
     """Zero each element with probability p and scale the rest by 1/(1−p) (Srivastava et al. 2014)."""
     if not training or p == 0:
         return x
-    keep = _random.generator().random(x.shape) >= p
-    return mul(x, _dev.to_device(keep.astype(x.dtype) / (1 - p), x.device))
+    keep = _random.uniform(x.shape, x.data) >= p  # drawn where x lives: no mask crosses to a GPU
+    return mul(x, keep.astype(x.dtype) / (1 - p))
 
 
 # ---- losses ---------------------------------------------------------------------------------

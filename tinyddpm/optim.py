@@ -1,13 +1,94 @@
-"""Optimisers and training helpers: Adam/AdamW, global-norm clipping, EMA of parameters, LR warmup."""
+"""Optimisers and training helpers: Adam/AdamW, global-norm clipping, EMA of parameters, LR warmup.
+
+All of them update flat buffers (``FlatParameters``): the parameters of one dtype and device are
+views into one contiguous array and their gradients views into a second, so every update below is a
+fixed handful of whole-buffer array operations — as many for 10 parameter tensors as for 10,000, and
+on a GPU as many kernel launches — and none reads a value back to the host. Each operation is a call
+on the array module (``xp.multiply(m, b1, out=m)``, not ``m *= b1``) so ``tinyddpm.instrument`` can
+count them.
+"""
 import math
 
+import numpy as np
+
 from . import device as _dev
+
+# Each parameter's slot starts on a multiple of 64 elements (256 bytes, cudaMalloc's alignment), so a
+# view is as aligned for BLAS and the CUDA kernels as an array of its own. The gaps hold zeros in
+# every buffer, which every update below keeps at zero.
+SLOT_ALIGN = 64
+
+
+class FlatParameters:
+    """Parameters of one dtype and device as views into one flat buffer ``data``, their gradients as
+    views into ``grad``.
+
+    Each ``p.data`` becomes a reshaped view of its slot, so writing the parameter (a state-dict load,
+    an update) writes the buffer and vice versa; ``p.grad_view`` is its slot of ``grad``, where
+    Tensor.backward accumulates its gradient. ``p.flat`` names the FlatParameters holding p."""
+
+    def __init__(self, params):
+        self.params = list(params)
+        sizes = [-(-p.size // SLOT_ALIGN) * SLOT_ALIGN for p in self.params]
+        starts = np.cumsum([0] + sizes)
+        self.slots = {id(p): slice(int(lo), int(lo) + p.size) for p, lo in zip(self.params, starts)}
+        xp = _dev.array_module(self.params[0].data)
+        self.data = xp.zeros(int(starts[-1]), dtype=self.params[0].dtype)
+        self.grad = xp.zeros_like(self.data)
+        for p in self.params:
+            self.view(self.data, p)[...] = p.data
+            grad = p.grad
+            p.data, p.grad_view, p.flat = self.view(self.data, p), self.view(self.grad, p), self
+            p.grad = None
+            if grad is not None:
+                p._accumulate_grad(grad)
+
+    def view(self, buffer, p):
+        """Parameter p's slot of a flat ``buffer`` (data, grad, or an optimiser's moment), shaped like p."""
+        return buffer[self.slots[id(p)]].reshape(p.shape)
+
+    def gather_grads(self):
+        """The flat gradient buffer, holding every parameter's current gradient. Gradients from
+        Tensor.backward are there already; one assigned to ``p.grad`` directly is copied in, and a
+        parameter without one contributes zeros (as if its gradient were zero)."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad_view[...] = 0
+            elif p.grad is not p.grad_view:
+                p.grad_view[...] = p.grad
+                p.grad = p.grad_view
+        return self.grad
+
+
+def flatten(params):
+    """The FlatParameters holding ``params``, one per (device, dtype), each in the order given.
+
+    Parameters that are already one FlatParameters, in this order, keep it: an optimiser and an EMA
+    built over the same model share the buffer (an update through one is seen by the other)."""
+    groups = {}
+    for p in params:
+        groups.setdefault((_dev.is_cupy(p.data), p.dtype), []).append(p)
+    return [_flat_parameters(group) for group in groups.values()]
+
+
+def _flat_parameters(params):
+    flat = getattr(params[0], "flat", None)
+    if flat is not None and len(flat.params) == len(params) and all(a is b for a, b in zip(flat.params, params)):
+        return flat
+    if any(getattr(p, "flat", None) is not None for p in params):
+        # re-flattening would move p.data out of the buffer that the first optimiser/EMA updates
+        raise ValueError("these parameters already share a flat buffer with a different set or order of "
+                         "parameters: build optimisers, EMA and clipping over the same parameter list")
+    return FlatParameters(params)
 
 
 class Adam:
     """Adam (Kingma & Ba 2015):  m ← β₁m + (1−β₁)g,  v ← β₂v + (1−β₂)g²,
     p ← p − lr·m̂/(√v̂ + eps) with m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ).
-    ``weight_decay`` adds λp to g (L2, as torch.optim.Adam)."""
+    ``weight_decay`` adds λp to g (L2, as torch.optim.Adam).
+
+    One fused update per flat buffer: 12 whole-buffer operations (13 or 14 with weight decay), whatever
+    the number of parameter tensors. A parameter without a gradient counts as a zero gradient."""
 
     decoupled = False
 
@@ -15,8 +96,11 @@ class Adam:
         self.params = list(params)
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.step_count = 0
-        self.m = [_dev.array_module(p.data).zeros_like(p.data) for p in self.params]
-        self.v = [_dev.array_module(p.data).zeros_like(p.data) for p in self.params]
+        self.flats = flatten(self.params)
+        self.m = [_dev.array_module(f.data).zeros_like(f.data) for f in self.flats]
+        self.v = [_dev.array_module(f.data).zeros_like(f.data) for f in self.flats]
+        self._scratch = [(_dev.array_module(f.data).empty_like(f.data), _dev.array_module(f.data).empty_like(f.data))
+                         for f in self.flats]
 
     def zero_grad(self):
         for p in self.params:
@@ -27,32 +111,34 @@ class Adam:
         b1, b2 = self.betas
         # fold both bias corrections into one step size: lr·√(1−β₂ᵗ)/(1−β₁ᵗ), eps scaled to match
         c1, c2 = 1 - b1 ** self.step_count, 1 - b2 ** self.step_count
-        step_size, eps = self.lr * math.sqrt(c2) / c1, self.eps * math.sqrt(c2)
-        for p, m, v in zip(self.params, self.m, self.v):
-            if p.grad is None:
-                continue
-            g = p.grad
+        step_size, eps = self.lr * math.sqrt(c2) / c1, self.eps * math.sqrt(c2)  # Python floats: float32 math
+        for flat, m, v, (a, b) in zip(self.flats, self.m, self.v, self._scratch):
+            xp, p, g = _dev.array_module(flat.data), flat.data, flat.gather_grads()
             if self.weight_decay and self.decoupled:
-                p.data *= 1 - self.lr * self.weight_decay
+                xp.multiply(p, 1 - self.lr * self.weight_decay, out=p)
             elif self.weight_decay:
-                g = g + self.weight_decay * p.data
-            m *= b1
-            m += (1 - b1) * g
-            v *= b2
-            v += (1 - b2) * (g * g)
-            p.data -= step_size * m / (_dev.array_module(v).sqrt(v) + eps)
+                g = xp.add(g, xp.multiply(p, self.weight_decay, out=a), out=a)  # g + λp
+            xp.multiply(m, b1, out=m)
+            xp.add(m, xp.multiply(g, 1 - b1, out=b), out=m)                     # m ← β₁m + (1−β₁)g
+            xp.multiply(v, b2, out=v)
+            xp.add(v, xp.multiply(xp.multiply(g, g, out=b), 1 - b2, out=b), out=v)  # v ← β₂v + (1−β₂)g²
+            denominator = xp.add(xp.sqrt(v, out=b), eps, out=b)
+            xp.subtract(p, xp.divide(xp.multiply(m, step_size, out=a), denominator, out=a), out=p)
 
     def state_dict(self):
+        """{"step": t, "m.i": m, "v.i": v} with i the parameter's position: the per-parameter format
+        of checkpoints written before the buffers were flat, so either loads into the other."""
         state = {"step": self.step_count}
-        for i, (m, v) in enumerate(zip(self.m, self.v)):
-            state[f"m.{i}"], state[f"v.{i}"] = _dev.to_numpy(m).copy(), _dev.to_numpy(v).copy()
+        for i, p in enumerate(self.params):
+            for key, buffers in (("m", self.m), ("v", self.v)):
+                state[f"{key}.{i}"] = _dev.to_numpy(p.flat.view(buffers[self.flats.index(p.flat)], p)).copy()
         return state
 
     def load_state_dict(self, state):
         self.step_count = int(state["step"])
-        for i, (m, v) in enumerate(zip(self.m, self.v)):
-            m[...] = _dev.to_device(state[f"m.{i}"], _dev.get_device())
-            v[...] = _dev.to_device(state[f"v.{i}"], _dev.get_device())
+        for i, p in enumerate(self.params):
+            for key, buffers in (("m", self.m), ("v", self.v)):
+                p.flat.view(buffers[self.flats.index(p.flat)], p)[...] = _dev.to_device(state[f"{key}.{i}"], p.device)
 
 
 class AdamW(Adam):
@@ -65,31 +151,45 @@ class AdamW(Adam):
 
 
 def clip_grad_norm(params, max_norm):
-    """Scale all gradients by min(1, max_norm/‖g‖) with ‖g‖ the global L2 norm; returns ‖g‖."""
-    grads = [p.grad for p in params if p.grad is not None]
-    total = math.sqrt(sum(float((g.astype("float64") ** 2).sum()) for g in grads))
-    if total > max_norm:
-        scale = max_norm / (total + 1e-6)
-        for p in params:
-            if p.grad is not None:
-                p.grad = p.grad * scale
-    return total
+    """g ← g · min(1, max_norm/(‖g‖ + 1e-6)) for every gradient of ``params``, with ‖g‖ = √(Σ g²) the
+    global L2 norm over all of them (Pascanu et al. 2013).
+
+    ‖g‖ is summed in float64 and the scale computed and applied on the device: no value comes back
+    to the host, so on a GPU the step need not wait here. Returns ‖g‖ as a 0-d float64 array on the
+    device (``float()`` of it is a device→host read)."""
+    grads = [flat.gather_grads() for flat in flatten(params)]
+    xp = _dev.array_module(grads[0])
+    squares = [xp.sum(xp.square(g, dtype=np.float64)) for g in grads]
+    norm = xp.sqrt(squares[0] if len(squares) == 1 else xp.sum(xp.stack(squares)))
+    scale = xp.minimum(xp.divide(max_norm, xp.add(norm, 1e-6)), 1.0)
+    for g in grads:  # in g's dtype, as a Python-float scale would be: float32 gradients stay float32
+        xp.multiply(g, xp.asarray(scale, dtype=g.dtype), out=g)
+    return norm
 
 
 class EMA:
-    """Exponential moving average of parameters (Polyak averaging): s ← d·s + (1 − d)·p."""
+    """Exponential moving average of parameters (Polyak averaging): s ← d·s + (1 − d)·p, over the
+    model's flat buffers: 3 whole-buffer operations per update, whatever the number of parameters.
+    ``shadow`` maps each parameter name to its view of the averaged buffer."""
 
     def __init__(self, module, decay=0.999):
-        self.decay = decay
-        self.shadow = {name: p.data.copy() for name, p in module.named_parameters()}
+        self.module, self.decay = module, decay
+        names, params = zip(*module.named_parameters())
+        self.flats = flatten(params)
+        self.buffers = [_dev.array_module(f.data).copy(f.data) for f in self.flats]
+        self._scratch = [_dev.array_module(f.data).empty_like(f.data) for f in self.flats]
+        self.shadow = {name: p.flat.view(self.buffers[self.flats.index(p.flat)], p) for name, p in zip(names, params)}
 
     def update(self, module):
-        for name, p in module.named_parameters():
-            s = self.shadow[name]
-            s *= self.decay
-            s += (1 - self.decay) * p.data
+        if module is not self.module:
+            raise ValueError("EMA.update: pass the module this EMA was built over (it averages that module's buffers)")
+        for flat, s, tmp in zip(self.flats, self.buffers, self._scratch):
+            xp = _dev.array_module(s)
+            xp.multiply(s, self.decay, out=s)
+            xp.add(s, xp.multiply(flat.data, 1 - self.decay, out=tmp), out=s)
 
     def state_dict(self):
+        """name → averaged parameter (NumPy), the format checkpoints have always had."""
         return {name: _dev.to_numpy(s).copy() for name, s in self.shadow.items()}
 
     def load_state_dict(self, state):

@@ -47,6 +47,7 @@ class Function:
 
 class Tensor:
     __array_priority__ = 1000  # so ndarray <op> Tensor defers to Tensor's reflected operators
+    grad_view = None  # a parameter's slice of a flat gradient buffer (optim.FlatParameters), if any
 
     def __init__(self, data, requires_grad=False):
         if isinstance(data, Tensor):
@@ -79,10 +80,10 @@ class Tensor:
         return f"Tensor(shape={self.shape}, dtype={self.dtype}, device={self.device}{grad})"
 
     def numpy(self):
-        return _dev.to_numpy(self.data)
+        return _dev.to_host(self.data)
 
     def item(self):
-        return self.data.item()
+        return _dev.to_host(self.data).item()
 
     def to(self, device):
         return Tensor(_dev.to_device(self.data, device), requires_grad=self.requires_grad)
@@ -123,13 +124,25 @@ class Tensor:
             if g is None:
                 continue
             if node._fn is None:  # a leaf: keep its gradient
-                node.grad = g if node.grad is None else node.grad + g
+                node._accumulate_grad(g)
                 continue
             for parent, pg in zip(node._parents, node._fn.backward(g)):
                 if pg is None or parent is None or not parent.requires_grad:
                     continue
                 key = id(parent)
                 grads[key] = pg if key not in grads else grads[key] + pg
+
+    def _accumulate_grad(self, g):
+        """grad ← grad + g. A parameter in a flat buffer accumulates into its ``grad_view`` in place,
+        so the optimiser finds every gradient already in one array (no gather, whatever the count)."""
+        view = self.grad_view
+        if view is None:
+            self.grad = g if self.grad is None else self.grad + g
+        elif self.grad is view:
+            view += g
+        else:  # the first gradient since zero_grad, or one assigned to .grad directly
+            view[...] = g if self.grad is None else self.grad + g
+            self.grad = view
 
     # ---- operators and methods (all defined in functional.py) --------------------------------
     def __add__(self, other): return F.add(self, other)

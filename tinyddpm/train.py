@@ -56,11 +56,13 @@ class Preset:
 
 # Every preset in one table: its U-Net and its training settings.
 PRESETS = {
-    # checks the GPU path's plumbing in numba's CUDA simulator (MNIST mean-pooled to 7×7): no model to keep
-    "sim": Preset(UNetConfig(image_size=7, base_channels=4, channel_mults=(1,), attention_resolutions=(7,),
-                             num_groups=2, num_heads=1),
-                  dict(steps=4, batch_size=2, timesteps=50, warmup_steps=2, sample_every=1000, ckpt_every=2,
-                       sample_steps=2)),
+    # checks the GPU path's plumbing in numba's CUDA simulator (MNIST mean-pooled to 4×4): no model to
+    # keep. The simulator runs each CUDA thread as a Python thread, so every size is the least that still
+    # has every block kind: one step (forward and backward, batch 1) takes ~20 s on one core.
+    "sim": Preset(UNetConfig(image_size=4, base_channels=4, channel_mults=(1,), attention_resolutions=(4,),
+                             num_groups=1, num_heads=1),
+                  dict(steps=2, batch_size=1, timesteps=50, warmup_steps=1, sample_every=1000, ckpt_every=1,
+                       sample_steps=1)),
     # proves the pipeline: trains and samples in well under 2 minutes on 2 cores
     "smoke": Preset(UNetConfig(base_channels=16, channel_mults=(1, 2), attention_resolutions=(14,), num_groups=4),
                     dict(steps=60, batch_size=32, timesteps=200, sample_every=60, ckpt_every=60, warmup_steps=20,
@@ -121,6 +123,7 @@ class Trainer:
         _random.manual_seed(config.seed)                   # parameter init and dropout
         self.rng = np.random.default_rng(config.seed)      # batches, timesteps and noise
         self.model, self.ema_model, self.diffusion = build(config)
+        # the EMA puts the parameters into one flat buffer; Adam, over the same list, shares it
         self.ema = optim.EMA(self.model, config.ema_decay)
         self.opt = optim.Adam(self.model.parameters(), lr=config.lr)
         self.step, self.losses = 0, []
@@ -145,6 +148,7 @@ class Trainer:
             "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optim": self.opt.state_dict(),
             "step": self.step, "losses": np.asarray(self.losses, dtype=np.float64),
             "rng": json.dumps(self.rng.bit_generator.state), "init_rng": json.dumps(_random.get_state()),
+            "device_rng": json.dumps(_random.get_device_state()),
         })
 
     def resume(self):
@@ -161,14 +165,19 @@ class Trainer:
         self.step, self.losses = int(state["step"]), list(state["losses"])
         self.rng.bit_generator.state = json.loads(state["rng"])
         _random.set_state(json.loads(state["init_rng"]))
+        if "device_rng" in state:  # checkpoints from before dropout drew on the device have none
+            _random.set_device_state(json.loads(state["device_rng"]))
         self.log(f"resumed from {self.checkpoint_path} at step {self.step}")
 
     # ---- one step of Algorithm 1 -----------------------------------------------------------------
     def train_step(self):
+        """One step; its only device→host read is the loss it returns (clipping, Adam and EMA are
+        fused whole-buffer updates on the device)."""
         cfg = self.config
         idx = self.rng.integers(0, len(self.images), size=cfg.batch_size)
         x0 = Tensor(_dev.to_device(self.images[idx]))
-        y = _dev.to_device(self.labels[idx]) if cfg.conditional else None
+        # labels stay on the host: training_loss swaps in the null class there (host RNG) and moves them once
+        y = self.labels[idx] if cfg.conditional else None
         loss = self.diffusion.training_loss(self.model, x0, y, p_uncond=cfg.p_uncond, rng=self.rng)
         self.opt.zero_grad()
         loss.backward()

@@ -52,11 +52,13 @@ class UNetConfig:
 
 def timestep_embedding(t, dim):
     """Sinusoidal embedding (Vaswani et al. 2017, as in DDPM): [sin(t·ω_i), cos(t·ω_i)] with
-    ω_i = 10000^(−i/(dim/2)), i < dim/2.  t: int (B,) → float32 (B, dim)."""
+    ω_i = 10000^(−i/(dim/2)), i < dim/2.  t: int (B,) → float32 (B, dim), computed (in float64) where
+    t lives, so a GPU's timesteps never go through the host."""
+    xp = _dev.array_module(t)
     half = dim // 2
-    freqs = np.exp(-math.log(10000.0) * np.arange(half) / half)
-    args = _dev.to_numpy(t).astype(np.float64)[:, None] * freqs[None]
-    return np.concatenate([np.sin(args), np.cos(args)], axis=1).astype(np.float32)
+    freqs = xp.exp(-math.log(10000.0) * xp.arange(half) / half)
+    args = xp.asarray(t, dtype=np.float64)[:, None] * freqs[None]
+    return xp.concatenate([xp.sin(args), xp.cos(args)], axis=1).astype(np.float32)
 
 
 class ResBlock(nn.Module):
@@ -127,7 +129,7 @@ class UNet(nn.Module):
 
     def embed(self, t, y):
         """SiLU of the time embedding MLP output plus the class embedding: (B, 4·base)."""
-        temb = Tensor(_dev.to_device(timestep_embedding(t, self.config.base_channels)))
+        temb = Tensor(timestep_embedding(_dev.to_device(t), self.config.base_channels))
         emb = self.time_mlp[1](F.silu(self.time_mlp[0](temb)))
         if self.class_emb is not None:
             if y is None:  # unconditional sampling from a conditional model: the null class
