@@ -52,6 +52,8 @@ def test_sample_writes_grid_and_npz(trained, tmp_path):
 def test_ddpm_sampler_and_trajectory(trained, tmp_path):
     ckpt = str(trained / "checkpoint.npz")
     assert cli.main(["sample", "--checkpoint", ckpt, "--n", "2", "--sampler", "ddpm", "--out", str(tmp_path / "a.png")]) == 0
+    assert cli.main(["sample", "--checkpoint", ckpt, "--n", "2", "--sampler", "dpmpp2m", "--steps", "4",
+                     "--out", str(tmp_path / "b.png")]) == 0
     assert cli.main(["trajectory", "--checkpoint", ckpt, "--steps", "5", "--frames", "4",
                      "--out", str(tmp_path / "t.png")]) == 0
     w, h = Image.open(tmp_path / "t.png").size

@@ -13,6 +13,7 @@ import numpy as np
 from .checkpoint import CheckpointError
 from .data import DataError
 from .device import DeviceError
+from .diffusion import SAMPLERS
 from .nn import StateDictError
 from .train import PRESETS
 
@@ -94,8 +95,9 @@ def _add_sampling_args(p, checkpoint=None):
     and lives in a group, so it passes its own)."""
     (checkpoint or p).add_argument("--checkpoint", required=checkpoint is None,
                                    help="a checkpoint.npz written by `tinyddpm train`")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
-    p.add_argument("--steps", type=_int_at_least(1), default=50, help="DDIM steps (DDPM uses all T)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                   help="ddpm: all T ancestral steps; ddim: Song et al. 2021; dpmpp2m: DPM-Solver++(2M), Lu et al. 2022")
+    p.add_argument("--steps", type=_int_at_least(1), default=50, help="DDIM / DPM-Solver++ steps (DDPM uses all T)")
     p.add_argument("--eta", type=_float_in(0, 1), default=0.0, help="DDIM stochasticity η")
     p.add_argument("--guidance", type=_float_in(0, 100), default=2.0, help="classifier-free guidance w ≥ 0")
     p.add_argument("--seed", type=int, default=0)
@@ -237,7 +239,7 @@ def cmd_trajectory(args):
     y = np.array([label]) if config.conditional else None
     with no_grad():
         _, frames = diffusion.sample(model, model.config.image_shape(1), y=y, guidance=args.guidance, sampler=args.sampler,
-                                     steps=args.steps if args.sampler == "ddim" else None, eta=args.eta, rng=rng,
+                                     steps=None if args.sampler == "ddpm" else args.steps, eta=args.eta, rng=rng,
                                      return_trajectory=args.frames)
     images = np.stack([data.from_model_range(_dev.to_numpy(f.data))[0, 0] for f in frames])
     pictures.save(pictures.grid(images, ncols=len(images), scale=3), args.out)
@@ -263,7 +265,7 @@ def _sample_images(args, model, diffusion, config):
             with no_grad():
                 x = diffusion.sample(model, model.config.image_shape(rows.stop - rows.start),
                                      y=None if labels is None else labels[rows], guidance=args.guidance,
-                                     sampler=args.sampler, steps=args.steps if args.sampler == "ddim" else None,
+                                     sampler=args.sampler, steps=None if args.sampler == "ddpm" else args.steps,
                                      eta=args.eta, rng=rng)
             images[rows] = data.from_model_range(_dev.to_numpy(x.data))[:, 0]
             done = rows.stop
