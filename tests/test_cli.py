@@ -72,6 +72,30 @@ def test_resume_continues_exactly(tmp_path):
     np.testing.assert_array_equal(a["losses"], b["losses"])
 
 
+def test_resume_continues_exactly_with_the_recipe_options(tmp_path, capsys):
+    # cosine lr, EMA warm-up and Min-SNR weights all depend on the step: a resume must land on the same bits
+    recipe = ["--lr-decay", "cosine", "--ema-warmup", "--min-snr-gamma", "5"]
+    args = [*FAST, *recipe, "--sample-every", "1000", "--ckpt-every", "1000", "--steps", "4"]
+    assert cli.main(["train", *args, "--out", str(tmp_path / "a")]) == 0
+    # the same run stopped after step 2 (as by Ctrl-C), then resumed from its checkpoint
+    config = train.TrainConfig.for_preset("smoke", batch_size=8, timesteps=50, lr_decay="cosine", ema_warmup=True,
+                                          min_snr_gamma=5.0, steps=4, sample_every=1000, ckpt_every=1000)
+    stopped = train.Trainer(config, str(tmp_path / "b"), log=lambda m: None)
+    for _ in range(2):
+        stopped.losses.append(stopped.train_step())
+    stopped.save()
+    assert cli.main(["train", *args, "--out", str(tmp_path / "b"), "--resume"]) == 0
+    a, b = (checkpoint.load(tmp_path / d / "checkpoint.npz") for d in "ab")
+    for part in ("model", "ema", "optim"):
+        for key in a[part]:
+            np.testing.assert_array_equal(a[part][key], b[part][key], err_msg=f"{part}/{key}")
+    np.testing.assert_array_equal(a["losses"], b["losses"])
+    capsys.readouterr()
+    # the cosine decay is planned over --steps: extending the run would change it, so it is refused
+    assert cli.main(["train", *FAST, *recipe, "--steps", "6", "--out", str(tmp_path / "b"), "--resume"]) == 2
+    assert "steps" in capsys.readouterr().err
+
+
 def test_sim_preset_trains_on_pooled_digits_and_samples(tmp_path):
     # the preset gpu_check.py runs in the CUDA simulator, here on the CPU: 4×4 images end to end
     assert cli.main(["train", "--preset", "sim", "--out", str(tmp_path / "run")]) == 0

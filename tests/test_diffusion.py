@@ -226,6 +226,38 @@ def test_dpm_solver_pp_2m_is_second_order_on_the_probability_flow_ode_of_gaussia
     assert errors["dpmpp2m"][1] < errors["ddim"][1] / 3
 
 
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_min_snr_weights_against_a_hand_computed_table(prediction):
+    betas = linear_betas(100)
+    d, table = GaussianDiffusion(betas, prediction=prediction), ref.tables(betas)
+    t = np.array([0, 10, 50, 99])
+    snr = table["alphas_cumprod"][t] / (1 - table["alphas_cumprod"][t])
+    assert snr[0] > 5 > snr[-1]  # γ = 5 clips the low-noise end only
+    x0_weight = np.minimum(snr, 5.0)
+    expected = {"eps": x0_weight / snr, "x0": x0_weight, "v": x0_weight / (snr + 1)}[prediction]
+    np.testing.assert_allclose(d.min_snr_weights(t, 5.0), expected, rtol=1e-12)
+    if prediction == "eps":
+        np.testing.assert_allclose(d.min_snr_weights(t, 5.0)[1:], [5 / s if s > 5 else 1.0 for s in snr[1:]], rtol=1e-12)
+
+
+def test_min_snr_loss_weights_each_sample_by_its_timestep():
+    betas = linear_betas(40)
+    d, x0 = GaussianDiffusion(betas), data_levels((3, 1, 2, 2), seed=2)
+    model = lambda xt, t, y=None: td.Tensor(xt.data * 0.5)  # noqa: E731  (a fixed, imperfect predictor)
+    plain = d.training_loss(model, x0, rng=np.random.default_rng(7))
+    weighted = d.training_loss(model, x0, min_snr_gamma=2.0, rng=np.random.default_rng(7))
+    # the same draws as training_loss makes: t, then ε
+    rng = np.random.default_rng(7)
+    t = rng.integers(0, 40, size=3)
+    eps = rng.standard_normal(x0.shape)
+    xt = d.q_sample(x0, t, eps)
+    squared = ((xt * 0.5 - eps) ** 2).mean(axis=(1, 2, 3))
+    assert plain.item() == pytest.approx(squared.mean(), rel=1e-6)
+    assert weighted.item() == pytest.approx((squared * d.min_snr_weights(t, 2.0)).mean(), rel=1e-6)
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        d.training_loss(model, x0, min_snr_gamma=-1.0, rng=np.random.default_rng(7))
+
+
 def test_sampling_runs_without_recording_gradients_and_visits_the_timesteps_in_order():
     model, d = Recorder(), GaussianDiffusion(linear_betas(30))
     d.sample(model, (1, 1, 2, 2), sampler="ddim", steps=4, progress=False, rng=np.random.default_rng(0))

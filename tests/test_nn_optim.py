@@ -129,10 +129,32 @@ def test_ema_math():
     np.testing.assert_allclose(other.weight.data, ema.shadow["weight"])
 
 
-def test_warmup_lr():
-    assert optim.warmup_lr(0, 1.0, 4) == 0.25
-    assert optim.warmup_lr(3, 1.0, 4) == 1.0 and optim.warmup_lr(100, 1.0, 4) == 1.0
-    assert optim.warmup_lr(0, 2e-4, 0) == 2e-4
+def test_learning_rate_warmup_then_constant_or_cosine():
+    assert optim.learning_rate(0, 1.0, 4) == 0.25
+    assert optim.learning_rate(3, 1.0, 4) == 1.0 and optim.learning_rate(100, 1.0, 4) == 1.0
+    assert optim.learning_rate(0, 2e-4, 0) == 2e-4
+    cosine = [optim.learning_rate(step, 2.0, 4, 14, "cosine") for step in range(16)]
+    assert cosine[:4] == [0.5, 1.0, 1.5, 2.0]                       # warmup, then the decay starts at the top
+    assert cosine[9] == pytest.approx(1.0) and cosine[6] == pytest.approx(1 + np.cos(np.pi * 0.2))
+    assert cosine[14] == cosine[15] == pytest.approx(0.0, abs=1e-15)  # 0 from total_steps on
+    assert all(a >= b for a, b in zip(cosine[3:], cosine[4:]))
+    with pytest.raises(ValueError, match="cosine"):
+        optim.learning_rate(0, 1.0, 0, 10, "linear")
+
+
+def test_ema_warmup_decay():
+    assert [optim.ema_decay_at(step, 0.995, warmup=True) for step in (0, 1, 8, 100)] == [1 / 10, 2 / 11, 9 / 18, 101 / 110]
+    assert optim.ema_decay_at(10_000, 0.995, warmup=True) == 0.995  # capped at the decay
+    assert optim.ema_decay_at(0, 0.995) == 0.995
+
+
+def test_ema_update_with_a_given_decay():
+    m = nn.Linear(2, 1)
+    ema = optim.EMA(m, 0.9)
+    before = m.weight.data.copy()
+    m.weight.data[...] = before + 1.0
+    ema.update(m, decay=0.25)
+    np.testing.assert_allclose(ema.shadow["weight"], 0.25 * before + 0.75 * (before + 1.0), rtol=1e-6)
 
 
 def test_checkpoint_round_trip_is_atomic_and_pickle_free(tmp_path):

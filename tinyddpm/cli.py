@@ -14,6 +14,7 @@ from .checkpoint import CheckpointError
 from .data import DataError
 from .device import DeviceError
 from .diffusion import SAMPLERS
+from .optim import LR_DECAYS
 from .nn import StateDictError
 from .train import PRESETS
 
@@ -131,6 +132,10 @@ def build_parser():
     cond.add_argument("--uncond", dest="conditional", action="store_false")
     t.add_argument("--p-uncond", type=_float_in(0, 1))
     t.add_argument("--ema-decay", type=_float_in(0, 1))
+    t.add_argument("--ema-warmup", action="store_true", default=None,
+                   help="EMA decay min(ema-decay, (1 + step)/(10 + step))")
+    t.add_argument("--lr-decay", choices=LR_DECAYS, help="after warmup: constant (default) or cosine to 0")
+    t.add_argument("--min-snr-gamma", type=_float_in(0, 1e6), help="Min-SNR-γ loss weighting, e.g. 5 (0: off)")
     t.add_argument("--device", choices=("cpu", "cuda", "cudasim"), default="cpu")
     t.add_argument("--seed", type=int)
     t.add_argument("--sample-every", type=_int_at_least(1))
@@ -178,7 +183,8 @@ def cmd_train(args):
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
         "schedule": args.schedule, "timesteps": args.timesteps, "prediction": args.prediction,
         "conditional": args.conditional, "p_uncond": args.p_uncond, "ema_decay": args.ema_decay,
-        "seed": args.seed, "sample_every": args.sample_every, "ckpt_every": args.ckpt_every}.items()
+        "seed": args.seed, "sample_every": args.sample_every, "ckpt_every": args.ckpt_every,
+        "ema_warmup": args.ema_warmup, "lr_decay": args.lr_decay, "min_snr_gamma": args.min_snr_gamma}.items()
         if v is not None}
     config = train.TrainConfig.for_preset(args.preset, **overrides)
     out = args.out or os.path.join("runs", args.preset)

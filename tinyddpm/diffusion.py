@@ -198,11 +198,23 @@ class GaussianDiffusion:
         return self.predict_x0_from_v(xt, t, output), self.predict_eps_from_v(xt, t, output)
 
     # ---- training (Algorithm 1) -------------------------------------------------------------------------
-    def training_loss(self, model, x0, y=None, p_uncond=0.1, *, rng):
+    def min_snr_weights(self, t, gamma):
+        """Min-SNR-γ loss weights (Hang et al. 2023): weight the x_0 error by min(SNR_t, γ), SNR_t = ᾱ_t/(1 − ᾱ_t),
+        which for the output this model predicts is min(SNR, γ)/SNR (ε), min(SNR, γ) (x_0) or
+        min(SNR, γ)/(SNR + 1) (v), since ‖ε̂ − ε‖² = SNR‖x̂_0 − x_0‖² and ‖v̂ − v‖² = (SNR + 1)‖x̂_0 − x_0‖².
+        t: int (B,) → float64 (B,)."""
+        snr = self.alphas_cumprod[t] / self.one_minus_alphas_cumprod[t]
+        clipped = np.minimum(snr, gamma)
+        return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[self.prediction]
+
+    def training_loss(self, model, x0, y=None, p_uncond=0.1, min_snr_gamma=0.0, *, rng):
         """Algorithm 1 of Ho et al. 2020: t ~ U{0, …, T−1}, ε ~ N(0, I), loss = ‖target − model(x_t, t, y)‖²
-        (mean), x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε. Each label is replaced by the null class
+        (mean), x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε; with min_snr_gamma γ > 0 each sample's squared error is
+        weighted by ``min_snr_weights``. Each label is replaced by the null class
         ``model.num_classes`` with probability p_uncond, so one network learns both ε(x_t, y) and
         ε(x_t) for classifier-free guidance (Ho & Salimans 2022)."""
+        if min_snr_gamma < 0:
+            raise ValueError(f"min_snr_gamma is ≥ 0 (0: unweighted), got {min_snr_gamma}")
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond is a probability, got {p_uncond}")
         x0 = _array(x0)
@@ -214,7 +226,12 @@ class GaussianDiffusion:
             y = np.where(rng.random(batch) < p_uncond, self._num_classes(model), y)
         xt = self.q_sample(x0, t, eps)
         output = self._call(model, xt, t, y)
-        return F.mse_loss(output, self.training_target(x0, t, eps))
+        target = self.training_target(x0, t, eps)
+        if not min_snr_gamma:
+            return F.mse_loss(output, target)
+        weights = _like(self.min_snr_weights(t, min_snr_gamma).astype(x0.dtype).reshape((batch,) + (1,) * (x0.ndim - 1)), x0)
+        error = output - target
+        return F.mean(error * error * weights)
 
     @staticmethod
     def _num_classes(model):

@@ -1,4 +1,5 @@
-"""Optimisers and training helpers: Adam/AdamW, global-norm clipping, EMA of parameters, LR warmup.
+"""Optimisers and training helpers: Adam/AdamW, global-norm clipping, EMA of parameters (with an optional
+warm-up), the learning-rate schedule (warmup, then constant or cosine).
 
 All of them update flat buffers (``FlatParameters``): the parameters of one dtype and device are
 views into one contiguous array and their gradients views into a second, so every update below is a
@@ -180,13 +181,15 @@ class EMA:
         self._scratch = [_dev.array_module(f.data).empty_like(f.data) for f in self.flats]
         self.shadow = {name: p.flat.view(self.buffers[self.flats.index(p.flat)], p) for name, p in zip(names, params)}
 
-    def update(self, module):
+    def update(self, module, decay=None):
+        """One averaging step with ``decay`` (default: the decay this EMA was built with)."""
+        decay = self.decay if decay is None else decay
         if module is not self.module:
             raise ValueError("EMA.update: pass the module this EMA was built over (it averages that module's buffers)")
         for flat, s, tmp in zip(self.flats, self.buffers, self._scratch):
             xp = _dev.array_module(s)
-            xp.multiply(s, self.decay, out=s)
-            xp.add(s, xp.multiply(flat.data, 1 - self.decay, out=tmp), out=s)
+            xp.multiply(s, decay, out=s)
+            xp.add(s, xp.multiply(flat.data, 1 - decay, out=tmp), out=s)
 
     def state_dict(self):
         """name → averaged parameter (NumPy), the format checkpoints have always had."""
@@ -201,6 +204,25 @@ class EMA:
         module.load_state_dict(self.state_dict())
 
 
-def warmup_lr(step, base_lr, warmup_steps):
-    """Linear warmup: lr = base_lr · min(1, (step + 1)/warmup_steps)."""
-    return base_lr if warmup_steps <= 0 else base_lr * min(1.0, (step + 1) / warmup_steps)
+LR_DECAYS = ("constant", "cosine")
+
+
+def learning_rate(step, base_lr, warmup_steps, total_steps=None, decay="constant"):
+    """The learning rate of step ``step`` (0-based): a linear warmup, lr = base_lr · (step + 1)/warmup_steps,
+    then ``constant`` base_lr, or a ``cosine`` decay to 0 at total_steps (Loshchilov & Hutter 2017):
+    lr = base_lr · ½(1 + cos(π · (step − warmup_steps)/(total_steps − warmup_steps)))."""
+    if decay not in LR_DECAYS:
+        raise ValueError(f"unknown lr decay {decay!r}: choose one of {', '.join(LR_DECAYS)}")
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if decay == "constant" or total_steps <= warmup_steps:
+        return base_lr
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def ema_decay_at(step, decay, warmup=False):
+    """The EMA decay for update ``step`` (0-based): ``decay``, or with warmup min(decay, (1 + step)/(10 + step))
+    (the warm-up of TensorFlow's ExponentialMovingAverage with num_updates), so the average forgets
+    the random initialisation within the first few hundred steps instead of ~1/(1 − decay) of them."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay

@@ -34,6 +34,9 @@ class TrainConfig:
     conditional: bool = True
     p_uncond: float = 0.1
     ema_decay: float = 0.995
+    ema_warmup: bool = False        # decay min(ema_decay, (1 + step)/(10 + step))
+    lr_decay: str = "constant"      # after warmup: "constant" or "cosine" (to 0 at `steps`)
+    min_snr_gamma: float = 0.0      # Min-SNR-γ loss weighting (Hang et al. 2023); 0: off
     seed: int = 0
     sample_every: int = 500
     ckpt_every: int = 250
@@ -157,6 +160,8 @@ class Trainer:
         changed = [f.name for f in dataclasses.fields(TrainConfig)
                    if f.name not in ("steps", "sample_every", "ckpt_every", "sample_steps")
                    and getattr(saved, f.name) != getattr(self.config, f.name)]
+        if self.config.lr_decay == "cosine" and saved.steps != self.config.steps:
+            changed.append("steps (the cosine decay is planned over the run's --steps)")
         if changed:
             raise ValueError(f"--resume with settings that differ from the checkpoint's: {', '.join(changed)}")
         self.model.load_state_dict(state["model"])
@@ -178,13 +183,14 @@ class Trainer:
         x0 = Tensor(_dev.to_device(self.images[idx]))
         # labels stay on the host: training_loss swaps in the null class there (host RNG) and moves them once
         y = self.labels[idx] if cfg.conditional else None
-        loss = self.diffusion.training_loss(self.model, x0, y, p_uncond=cfg.p_uncond, rng=self.rng)
+        loss = self.diffusion.training_loss(self.model, x0, y, p_uncond=cfg.p_uncond, min_snr_gamma=cfg.min_snr_gamma,
+                                            rng=self.rng)
         self.opt.zero_grad()
         loss.backward()
         optim.clip_grad_norm(self.opt.params, cfg.grad_clip)
-        self.opt.lr = optim.warmup_lr(self.step, cfg.lr, cfg.warmup_steps)
+        self.opt.lr = optim.learning_rate(self.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_decay)
         self.opt.step()
-        self.ema.update(self.model)
+        self.ema.update(self.model, optim.ema_decay_at(self.step, cfg.ema_decay, cfg.ema_warmup))
         self.step += 1
         return loss.item()
 
