@@ -1,9 +1,9 @@
-"""PNG output with Pillow: sample grids, a trajectory strip and the loss curve."""
+"""PNG output: sample grids and a trajectory strip (Pillow), the loss curve (matplotlib)."""
 import os
 import tempfile
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 
 def grid(images, ncols, pad=2, scale=2):
@@ -18,32 +18,45 @@ def grid(images, ncols, pad=2, scale=2):
     return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
 
 
-def loss_curve(losses, width=640, height=360, margin=48):
-    """The training loss per step (light) and its exponential moving average (dark), log-scaled y."""
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
+def smoothed(values, beta=0.98):
+    """Bias-corrected exponential moving average (as Adam's moments): s_i = β s_{i−1} + (1 − β) v_i from
+    s_{−1} = 0, divided by 1 − β^(i+1), so the curve starts on the data instead of lagging behind it."""
+    values = np.asarray(values, dtype=np.float64)
+    out, s = np.empty_like(values), 0.0
+    for i, v in enumerate(values):
+        s = beta * s + (1 - beta) * v
+        out[i] = s / (1 - beta ** (i + 1))
+    return out
+
+
+def loss_curve(losses):
+    """The training loss per step (light) and its bias-corrected moving average (dark) against the step,
+    log-scaled y with ticks, drawn with matplotlib (its Agg backend: no display needed)."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
     losses = np.maximum(np.asarray(losses, dtype=np.float64), 1e-8)
-    if len(losses) < 2:
-        draw.text((margin, height // 2), "not enough steps for a curve", fill="black")
-        return img
-    smooth = np.empty_like(losses)
-    smooth[0] = losses[0]
-    for i in range(1, len(losses)):
-        smooth[i] = 0.98 * smooth[i - 1] + 0.02 * losses[i]
-    lo, hi = np.log10(losses.min()), np.log10(losses.max())
-    hi = hi if hi > lo else lo + 1
-
-    def xy(i, v):
-        x = margin + (width - 2 * margin) * i / (len(losses) - 1)
-        y = height - margin - (height - 2 * margin) * (np.log10(v) - lo) / (hi - lo)
-        return x, y
-
-    draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
-    draw.line([xy(i, v) for i, v in enumerate(losses)], fill=(170, 190, 230))
-    draw.line([xy(i, v) for i, v in enumerate(smooth)], fill=(20, 60, 160), width=2)
-    draw.text((margin, margin - 16), f"training loss (log scale): {losses.max():.3g} … {losses.min():.3g}", fill="black")
-    draw.text((margin, height - margin + 6), f"step 0 … {len(losses)}   last smoothed {smooth[-1]:.4f}", fill="black")
-    return img
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    try:
+        steps = np.arange(1, len(losses) + 1)
+        ax.plot(steps, losses, color="#aabee6", linewidth=0.8, label="loss")
+        if len(losses):
+            ax.plot(steps, smoothed(losses), color="#143ca0", linewidth=1.8,
+                    label=f"moving average (β = 0.98), last {smoothed(losses)[-1]:.4f}")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="upper right")
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+    finally:
+        plt.close(fig)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
 
 
 def save(picture, path):
