@@ -216,6 +216,8 @@ def bad_inputs(tmp_path, untrained_checkpoint):
         "no source": (["eval"], "required"),
         "file and checkpoint": (["eval", str(garbage), "--checkpoint", untrained_checkpoint], "not allowed"),
         "bpd without checkpoint": (["eval", str(garbage), "--bpd", "2"], "--checkpoint"),
+        "sweep without checkpoint": (["eval", str(garbage), "--sweep-guidance", "0,1"], "--checkpoint"),
+        "sweep not a list": (["eval", "--checkpoint", untrained_checkpoint, "--sweep-guidance", "0,x"], "list"),
         "one sample": (["eval", "--checkpoint", untrained_checkpoint, "--n", "1"], "--n"),
         "ref-data without files": (["eval", npz("g.npz", images=ok), "--ref-data", str(tmp_path)], "no train-images"),
         "bpd without test data": (["eval", "--checkpoint", untrained_checkpoint, "--n", "2", "--steps", "1",
@@ -232,3 +234,23 @@ def test_eval_bad_inputs_give_one_line_and_exit_2(tmp_path, untrained_checkpoint
         assert code == 2, name
         assert len(err.splitlines()) == 1 and err.startswith("tinyddpm: error:"), f"{name}: {err!r}"
         assert needle in err and captured.out == "", f"{name}: {err!r}"
+
+
+def test_choose_guidance_takes_the_best_fid_with_enough_accuracy():
+    def result(fid, accuracy):
+        return evaluation.Evaluation(n=10, fid=fid, accuracy=accuracy, confidence=0.9, class_entropy=2.3)
+    sweep = [(0.0, result(20.0, 0.95)), (0.5, result(25.0, 0.99)), (1.0, result(30.0, 0.995)), (2.0, result(60.0, 1.0))]
+    assert evaluation.choose_guidance(sweep) == 0.5  # w = 0 has the best FID but too little accuracy
+    assert evaluation.choose_guidance(sweep[:1]) is None
+
+
+def test_eval_sweeps_guidance_from_a_checkpoint(untrained_checkpoint, capsys):
+    assert cli.main(["eval", "--checkpoint", untrained_checkpoint, "--n", "2", "--steps", "2", "--labels", "3,7",
+                     "--sweep-guidance", "0,1.5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [row["guidance"] for row in result["sweep"]] == [0.0, 1.5]
+    assert all(row["n"] == 2 and row["seconds"] > 0 for row in result["sweep"]) and "chosen" in result
+    assert cli.main(["eval", "--checkpoint", untrained_checkpoint, "--n", "2", "--steps", "1",
+                     "--sweep-guidance", "0,1"]) == 0
+    table = capsys.readouterr().out
+    assert "| guidance w |" in table and "| 0 |" in table and "| 1 |" in table and "chosen:" in table

@@ -171,8 +171,22 @@ def build_parser():
                    help="also the checkpoint's bits/dim on N real MNIST test images (the variational bound)")
     e.add_argument("--ref-data", metavar="DIR", help="MNIST IDX directory: recompute the reference statistics "
                    "from its held-out training images (and read --bpd's test images there first)")
+    e.add_argument("--sweep-guidance", type=_guidance_list, metavar="W,W,...",
+                   help="with --checkpoint: sample and score once per guidance w (same seed each time) and name the "
+                   "w with the best classifier-FID among those with accuracy >= 99%%")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
+
+
+def _guidance_list(text):
+    """'0,0.5,1,2' -> [0.0, 0.5, 1.0, 2.0], each a guidance w in [0, 100]."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not all(0 <= v <= 100 for v in values):
+        raise argparse.ArgumentTypeError(f"every guidance w must be in [0, 100], got {text}")
+    return values
 
 
 def cmd_train(args):
@@ -313,6 +327,8 @@ def cmd_eval(args):
     from . import data, evaluation
     if args.bpd and not args.checkpoint:
         raise UsageError("--bpd needs --checkpoint (bits/dim is a property of a model, not of samples)")
+    if args.sweep_guidance and (not args.checkpoint or args.bpd):
+        raise UsageError("--sweep-guidance needs --checkpoint (it samples once per w), without --bpd")
     # Every input is read and checked before the slow part (sampling, bits/dim) starts.
     if args.checkpoint:
         model, diffusion, config = _load_for_sampling(args)
@@ -322,6 +338,8 @@ def cmd_eval(args):
     else:
         images, labels = evaluation.load_samples(args.samples)
     judge, reference, reference_source = _judge_and_reference(args)
+    if args.sweep_guidance:
+        return _sweep_guidance(args, model, diffusion, config, judge, reference, reference_source)
     bits_per_dim = None
     if args.checkpoint:
         images, labels = _sample_images(args, model, diffusion, config)
@@ -341,6 +359,35 @@ def cmd_eval(args):
         rows.append(("bits/dim", f"{bits_per_dim:.4f}", f"on {args.bpd} MNIST test images"))
     for name, value, note in rows:
         print(f"{name:<15} {value:>10}   {note}".rstrip())
+    return 0
+
+
+def _sweep_guidance(args, model, diffusion, config, judge, reference, reference_source):
+    """One sampling run and evaluation per guidance w, then the table and the chosen w."""
+    import json
+    import time
+
+    from . import evaluation
+    if not config.conditional:
+        raise UsageError("--sweep-guidance needs a class-conditional checkpoint (guidance steers towards a label)")
+    sweep, seconds = [], []
+    for w in args.sweep_guidance:
+        args.guidance, t0 = w, time.perf_counter()
+        images, labels = _sample_images(args, model, diffusion, config)
+        sweep.append((w, evaluation.evaluate(images, labels, judge, reference)))
+        seconds.append(time.perf_counter() - t0)
+    chosen = evaluation.choose_guidance(sweep)
+    if args.json:
+        print(json.dumps({"reference": reference_source, "chosen": chosen, "sweep": [
+            {"guidance": w, **dataclasses.asdict(r), "seconds": s} for (w, r), s in zip(sweep, seconds)]}))
+        return 0
+    print(f"n = {args.n} per w, {args.sampler} {args.steps} steps, seed {args.seed}; classifier FID vs {reference_source}")
+    print("| guidance w | classifier FID | accuracy | confidence | class entropy | sampling s |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for (w, r), s in zip(sweep, seconds):
+        print(f"| {w:g} | {r.fid:.2f} | {r.accuracy:.2%} | {r.confidence:.4f} | {r.class_entropy:.4f} | {s:.1f} |")
+    print(f"chosen: w = {chosen:g} (the best classifier FID with accuracy >= 99%)" if chosen is not None else
+          "chosen: none (no w reached accuracy >= 99%)")
     return 0
 
 

@@ -211,6 +211,14 @@ def evaluate(images, labels=None, judge=None, reference=None):
     )
 
 
+def choose_guidance(sweep, min_accuracy=0.99):
+    """The guidance w of a sweep [(w, Evaluation), ...] with the lowest classifier-FID among those whose
+    accuracy is at least ``min_accuracy`` (guidance buys class fidelity with diversity: take the least
+    fidelity that is enough); None when no w reaches it."""
+    good = [(result.fid, w) for w, result in sweep if result.accuracy is not None and result.accuracy >= min_accuracy]
+    return min(good)[1] if good else None
+
+
 def reference_statistics(judge, images):
     """Feature statistics of real uint8 images (the shipped reference: the 10,000 held-out ones)."""
     features, _ = judge_outputs(judge, check_images(images)[0])
