@@ -1,0 +1,115 @@
+"""Sample quality of one training recipe at a fixed budget: train, sample, score; one Markdown table row.
+
+    python benchmarks/bench_quality.py [--preset tiny] [--steps 3000] [--data-dir DIR] [--n 5000]
+                                       [--min-snr-gamma 5] [--lr-decay cosine] [--ema-warmup] [--name NAME]
+                                       [--sampler ddim] [--sample-steps 50] [--guidance 2] [--seed 0]
+
+It drives the `tinyddpm` commands themselves (`train`, then `eval --checkpoint --json`), so a row measures
+exactly what a user runs; an ablation is one command per recipe flag. Labels are balanced (0-9 cycled).
+The last column is the metric's own floor: the classifier-FID of n real images at the same n (held-out
+MNIST training images with --data-dir; without it, images of the embedded subset, which the judge saw
+in training, so that floor is a little optimistic).
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from tinyddpm import cli, data, evaluation
+
+RECIPE_FLAGS = (("min_snr_gamma", "--min-snr-gamma"), ("lr_decay", "--lr-decay"), ("ema_warmup", "--ema-warmup"))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny", choices=("smoke", "tiny", "base"))
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--data-dir", help="MNIST IDX directory (the full training set); default: cache or embedded subset")
+    p.add_argument("--n", type=int, default=5000, help="images sampled and scored")
+    p.add_argument("--min-snr-gamma", type=float)
+    p.add_argument("--lr-decay", choices=("constant", "cosine"))
+    p.add_argument("--ema-warmup", action="store_true")
+    p.add_argument("--name", help="the recipe's name in the table (default: its flags)")
+    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--sample-steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="run directory (default: a temporary one, removed)")
+    return p.parse_args(argv)
+
+
+def recipe(args):
+    """The recipe's `tinyddpm train` flags and its name."""
+    flags = []
+    for field, flag in RECIPE_FLAGS:
+        value = getattr(args, field)
+        if value is True:
+            flags.append(flag)
+        elif value not in (None, False):
+            flags += [flag, str(value)]
+    return flags, args.name or (" ".join(flags) or "baseline")
+
+
+def run(argv):
+    """Seconds `tinyddpm argv` took; raises if it failed."""
+    t0 = time.perf_counter()
+    if cli.main(argv) != 0:
+        raise SystemExit(f"`tinyddpm {' '.join(argv)}` failed")
+    return time.perf_counter() - t0
+
+
+def capture_json(argv):
+    """(the JSON object `tinyddpm argv` prints, seconds it took)."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        seconds = run(argv)
+    return json.loads(buffer.getvalue()), seconds
+
+
+def real_images(args):
+    """n real digits at the same n: held-out training images with --data-dir, else the embedded subset's."""
+    if args.data_dir:
+        images, labels = evaluation.held_out(data.load_idx_dir(args.data_dir, "train"))
+        source = "held-out MNIST training images"
+    else:
+        subset = data.load_mnist("train")
+        images, labels, source = subset.images, subset.labels, f"MNIST training images ({subset.source})"
+    if args.n > len(images):
+        raise SystemExit(f"--n {args.n}: only {len(images)} real images for the floor")
+    return images[:args.n], labels[:args.n], source
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    flags, name = recipe(args)
+    with tempfile.TemporaryDirectory() as scratch:
+        out = args.out or os.path.join(scratch, "run")
+        train_argv = ["train", "--preset", args.preset, "--steps", str(args.steps), "--seed", str(args.seed),
+                      "--out", out, "--sample-every", str(10 * args.steps), "--ckpt-every", str(args.steps), *flags]
+        if args.data_dir:
+            train_argv += ["--data-dir", args.data_dir]
+        train_s = run(train_argv)
+        eval_argv = ["eval", "--checkpoint", os.path.join(out, "checkpoint.npz"), "--n", str(args.n),
+                     "--sampler", args.sampler, "--steps", str(args.sample_steps), "--guidance", str(args.guidance),
+                     "--seed", str(args.seed), "--json"]
+        score, sample_s = capture_json(eval_argv)
+        images, labels, source = real_images(args)
+        real_path = os.path.join(scratch, "real.npz")
+        np.savez(real_path, images=images, labels=labels)
+        floor, _ = capture_json(["eval", real_path, "--json"])
+    print(f"preset {args.preset}, {args.steps} steps, seed {args.seed}; {args.n} samples ({args.sampler} "
+          f"{args.sample_steps} steps, guidance {args.guidance:g}); floor from {args.n} {source}")
+    print("| recipe | classifier FID | accuracy | confidence | class entropy | train s | sample s | real-data FID |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| {name} | {score['fid']:.2f} | {score['accuracy']:.2%} | {score['confidence']:.4f} | "
+          f"{score['class_entropy']:.4f} | {train_s:.0f} | {sample_s:.0f} | {floor['fid']:.2f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
