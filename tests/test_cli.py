@@ -34,7 +34,8 @@ def test_train_writes_checkpoint_samples_and_loss_curve(trained):
     assert {"checkpoint.npz", "samples_000002.png", "samples_000004.png", "loss.png"} <= names
     state = checkpoint.load(trained / "checkpoint.npz")
     assert int(state["step"]) == 4 and len(state["losses"]) == 4 and np.isfinite(state["losses"]).all()
-    assert Image.open(trained / "samples_000004.png").size[0] > 8 * 28
+    width, height = Image.open(trained / "samples_000004.png").size
+    assert width > 2 * 8 * 2 * 28 and height > 10 * 2 * 28  # EMA | raw, 8 digits a row, one row per class, 2x
 
 
 def test_sample_writes_grid_and_npz(trained, tmp_path):

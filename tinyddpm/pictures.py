@@ -1,4 +1,4 @@
-"""PNG output: sample grids and a trajectory strip (Pillow), the loss curve (matplotlib)."""
+"""PNG output: sample grids side by side and a trajectory strip (Pillow), the loss curve (matplotlib)."""
 import os
 import tempfile
 
@@ -16,6 +16,14 @@ def grid(images, ncols, pad=2, scale=2):
         canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = img
     picture = Image.fromarray(canvas, mode="L")
     return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+
+
+def side_by_side(left, right, gap=12):
+    """Two grayscale pictures next to each other on white, ``gap`` pixels apart (e.g. EMA | raw samples)."""
+    canvas = Image.new("L", (left.width + gap + right.width, max(left.height, right.height)), 255)
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (left.width + gap, 0))
+    return canvas
 
 
 def smoothed(values, beta=0.98):

@@ -195,17 +195,24 @@ class Trainer:
         return loss.item()
 
     def sample_grid(self, path, n_per_class=8):
-        """EMA samples (DDIM): one row per digit when conditional."""
+        """Samples (DDIM, guidance 1) of the EMA model (left) and of the raw model (right) from the same
+        noise, one row per digit when conditional: what the average buys is there to see."""
         self.ema.copy_to(self.ema_model)
         cfg = self.config
         labels = np.repeat(np.arange(10), n_per_class) if cfg.conditional else None
-        n = 10 * n_per_class
-        with no_grad():
-            x = self.diffusion.sample(self.ema_model, self.ema_model.config.image_shape(n), y=labels, sampler="ddim", steps=cfg.sample_steps,
-                                      guidance=1.0 if cfg.conditional else 0.0, progress=False,
-                                      rng=np.random.default_rng(cfg.seed + self.step))
-        pictures.save(pictures.grid(data.from_model_range(_dev.to_numpy(x.data))[:, 0],
-                                    ncols=n_per_class), path)
+        shape = self.ema_model.config.image_shape(10 * n_per_class)
+        grids = []
+        self.model.eval()  # no dropout while sampling (and no draws from the training RNG)
+        try:
+            for model in (self.ema_model, self.model):
+                with no_grad():
+                    x = self.diffusion.sample(model, shape, y=labels, sampler="ddim", steps=cfg.sample_steps,
+                                              guidance=1.0 if cfg.conditional else 0.0, progress=False,
+                                              rng=np.random.default_rng(cfg.seed + self.step))
+                grids.append(pictures.grid(data.from_model_range(_dev.to_numpy(x.data))[:, 0], ncols=n_per_class))
+        finally:
+            self.model.train()
+        pictures.save(pictures.side_by_side(*grids), path)
 
     def run(self):
         cfg = self.config
