@@ -212,7 +212,10 @@ def test_ctrl_c_during_sample_writes_the_finished_batches(trained, tmp_path):
     grid, npz = tmp_path / "g.png", tmp_path / "part.npz"
     argv = [sys.executable, "-m", "tinyddpm", "sample", "--checkpoint", str(trained / "checkpoint.npz"),
             "--n", "1000", "--batch-size", "2", "--steps", "20", "--out", str(grid), "--npz", str(npz)]
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts `cmd &` with SIGINT ignored, and Python keeps an ignored SIGINT
+    # (no KeyboardInterrupt): a suite launched that way hung here. Give the child the default, as a terminal would.
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stderr:
         if "sampling images 5-6 " in line:  # batches 1-2 are finished
             proc.send_signal(signal.SIGINT)
