@@ -15,7 +15,6 @@ Shapes default to the `tiny` U-Net preset at batch 64 (each kernel module's BENC
 """
 import argparse
 import os
-import statistics
 import sys
 
 from _common import empty_kernel, measured_peak, median_time, time_launches
@@ -117,11 +116,10 @@ def _torch_twin(name, on_gpu):
     # idle OpenMP threads of PyTorch must sleep, not spin, or they starve NumPy's BLAS threads
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
-        import torch
+        import torch_twins  # benchmarks/torch_twins.py (imports torch): PyTorch is never a dependency of the library
     except ImportError:
         return None
-    import torch_twins  # benchmarks/torch_twins.py: PyTorch is never a dependency of the library
-    return torch_twins.op_timer(name, torch, on_gpu)
+    return torch_twins.op_timer(name, on_gpu)
 
 
 def main(argv=None):

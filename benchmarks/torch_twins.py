@@ -92,7 +92,7 @@ class UNet(tnn.Module):
         return self.out(h)
 
 
-def op_timer(name, torch_module, on_gpu):
+def op_timer(name, on_gpu):
     """time(case, direction, timer, repeats) of the PyTorch op for a kernel BENCH case."""
     device = "cuda" if on_gpu else "cpu"
 

@@ -1,6 +1,5 @@
 """`tinyddpm train / sample / trajectory` end to end on the smoke preset, exact resume, Ctrl-C,
 nothing a user made is lost, and every bad input a new user might try: one line on stderr, exit code 2."""
-import os
 import signal
 import subprocess
 import sys

