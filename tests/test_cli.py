@@ -21,7 +21,7 @@ def trained(tmp_path_factory):
     """A smoke run of 4 steps with a sample grid at step 2 (shared by the sampling tests)."""
     out = tmp_path_factory.mktemp("run")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HOME", str(out / "home"))
+        mp.setenv("HOME", str(tmp_path_factory.mktemp("home")))  # not inside the run: tools cache there
         mp.setenv("TINYDDPM_OFFLINE", "1")
         assert cli.main(["train", *FAST, "--steps", "4", "--sample-every", "2", "--ckpt-every", "2",
                          "--out", str(out)]) == 0

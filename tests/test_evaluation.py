@@ -142,7 +142,7 @@ def untrained_checkpoint(tmp_path_factory):
     """A smoke-preset checkpoint after one training step: enough to exercise sampling and bits/dim."""
     out = tmp_path_factory.mktemp("run")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HOME", str(out / "home"))
+        mp.setenv("HOME", str(tmp_path_factory.mktemp("home")))  # not inside the run: tools cache there
         mp.setenv("TINYDDPM_OFFLINE", "1")
         assert cli.main(["train", "--preset", "smoke", "--steps", "1", "--batch-size", "2", "--timesteps", "21",
                          "--sample-every", "1000", "--ckpt-every", "1000", "--out", str(out)]) == 0
