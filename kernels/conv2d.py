@@ -19,7 +19,7 @@ its pixels) and padded by R − 1 − π, with the weights flipped in (r, s) and
     dx[n, c, h, v] = Σ_{k, r, s} w[k, c, r, s] · dy[n, k, (h + π − r)/σ, (v + π − s)/σ]
                      (terms whose index is not a whole number inside dy are zero)
 
-The versions (reference, cpu, cuda_v1, cuda_v2) are the rows of VERSIONS at the end of this file,
+The versions (reference, cpu, cpu_im2col, cpu_shifted, cuda_v1, cuda_v2) are the rows of VERSIONS at the end of this file,
 each with its idea and its kernels ``conv2d_<pass>_v<N>``; ``python benchmarks/bench_kernels.py
 --list`` prints them with the command that runs each one alone.
 """
@@ -30,6 +30,7 @@ from ._bench import OpBench, Version, host64, saved_backward
 from ._cuda import (ZERO, array_module, block_sum, ceil_div, cuda, device_function, kernel, require_float32,
                     sum_columns, unravel)
 from .im2col import col2im, im2col
+from .shifted_gemm import conv2d_backward_shifted, conv2d_forward_shifted
 
 
 def _output_size(size, kernel_size, stride, padding):
@@ -97,8 +98,13 @@ def conv2d_backward_reference(x, w, dy, stride=1, padding=0):
 
 
 # ---- CPU implementation (the engine's `cpu` backend) -------------------------------------------
-# The columns are batch-innermost ("CHWN"): with n innermost, each GEMM pass is one large product
-# instead of N small ones. im2col and col2im are compiled numba loops (kernels/im2col.py).
+# Two ways to one GEMM per pass, picked per layer (version rows cpu_im2col and cpu_shifted time each):
+# im2col columns are batch-innermost ("CHWN"): with n innermost, each GEMM pass is one large product
+# instead of N small ones; im2col and col2im are compiled numba loops (kernels/im2col.py). The shifted
+# GEMM (kernels/shifted_gemm.py) materialises a third of that for 3×3 but computes the padded border too.
+# A stride-1 conv takes the shifted GEMM where that border costs at most this factor in work (28×28:
+# 1.15; 14×14: 1.31 and 7×7: 1.65 go to im2col, which was faster there: see the README's table).
+SHIFTED_MAX_OVERHEAD = 1.2
 
 
 def _is_pointwise(w, stride, padding):
@@ -106,15 +112,30 @@ def _is_pointwise(w, stride, padding):
     return w.shape[2] == w.shape[3] == stride == 1 and padding == 0
 
 
-def conv2d_forward_cpu(x, w, b, stride, padding):
-    """y = W X̂ + b by im2col and one GEMM (Chellapilla et al. 2006) -> (y, saved); saved keeps the
-    columns X̂ for dW = dY X̂ᵀ (for a pointwise conv, x itself)."""
+def _method(x, w, stride, padding, out_h, out_w, method):
+    """'pointwise', 'im2col' or 'shifted' for this conv; `method` forces im2col or the shifted GEMM
+    wherever that can run (the shifted GEMM is stride 1 only)."""
+    if _is_pointwise(w, stride, padding):
+        return "pointwise"
+    if stride != 1 or method == "im2col":
+        return "im2col"
+    padded = (x.shape[2] + 2 * padding) * (x.shape[3] + 2 * padding)
+    return "shifted" if method == "shifted" or padded <= SHIFTED_MAX_OVERHEAD * out_h * out_w else "im2col"
+
+
+def conv2d_forward_cpu(x, w, b, stride, padding, method="auto"):
+    """y = W X̂ + b by one GEMM per pass -> (y, saved): x itself for a pointwise conv, else im2col
+    (Chellapilla et al. 2006) or the shifted GEMM; saved keeps what dW needs (X̂, or x, or X_S)."""
     out_h, out_w = _check_args(x, w, b, stride, padding)
+    method = _method(x, w, stride, padding, out_h, out_w, method)
+    if method == "shifted":
+        y, saved = conv2d_forward_shifted(x, w, b, padding, out_h, out_w)
+        return y, dict(saved, method=method)
     n, _, h, width = x.shape
     k, _, kh, kw = w.shape
     w_rows = w.reshape(k, -1)
     y = np.empty((n, k, out_h, out_w), np.result_type(x, w))
-    if _is_pointwise(w, stride, padding):
+    if method == "pointwise":
         cols = x.reshape(n, -1, h * width)
         np.matmul(w_rows, cols, out=y.reshape(n, k, -1))  # (K, C) @ (N, C, HW): NCHW out, no copies
         if b is not None:
@@ -124,18 +145,20 @@ def conv2d_forward_cpu(x, w, b, stride, padding):
         y_chwn = (w_rows @ cols).reshape(k, out_h, out_w, n)
         bias = 0 if b is None else b.reshape(k, 1, 1, 1)
         np.add(y_chwn, bias, out=y.transpose(1, 2, 3, 0))  # the bias rides on the copy back to NCHW
-    saved = {"cols": cols, "w": w, "x_shape": x.shape, "stride": stride, "padding": padding}
+    saved = {"method": method, "cols": cols, "w": w, "x_shape": x.shape, "stride": stride, "padding": padding}
     return y, saved
 
 
 def conv2d_backward_cpu(saved, dy):
     """(dx, dw, db) of conv2d_forward_cpu: dW = dY X̂ᵀ and dX̂ = Wᵀ dY (one GEMM each), dx = col2im(dX̂),
-    db = Σ dy."""
+    db = Σ dy (the shifted GEMM: conv2d_backward_shifted)."""
+    if saved["method"] == "shifted":
+        return conv2d_backward_shifted(saved, dy)
     cols, w, x_shape = saved["cols"], saved["w"], saved["x_shape"]
     k, _, kh, kw = w.shape
     n, _, out_h, out_w = dy.shape
     w_rows = w.reshape(k, -1)
-    if _is_pointwise(w, saved["stride"], saved["padding"]):
+    if saved["method"] == "pointwise":
         dy_rows = dy.reshape(n, k, -1)
         # Σ_n dY_n X_nᵀ: the transposed x is a strided view that BLAS reads as it is.
         dw = np.matmul(dy_rows, cols.transpose(0, 2, 1)).sum(axis=0)
@@ -506,10 +529,21 @@ VERSIONS = (
             lambda case, _: conv2d_backward_reference(case["x"], case["w"], case["dy"], case["stride"],
                                                       case["padding"])),
     Version("cpu",
+            "the engine's CPU path: per layer the faster of the two rows below (the shifted GEMM for a "
+            "stride-1 conv whose padded border adds at most 20% work, else im2col); a 1×1 stride-1 conv "
+            "skips both: x is its own column matrix",
+            _forward(conv2d_forward_cpu), saved_backward(conv2d_backward_cpu)),
+    Version("cpu_im2col",
             "im2col into batch-innermost (C·R·S, Ho·Wo·N) columns by a compiled numba loop, then one "
             "BLAS GEMM per pass (dW = dY X̂ᵀ on the kept columns, dX̂ = WᵀdY, col2im by the matching "
-            "numba loop of adds); a 1×1 stride-1 conv skips im2col: x is its own column matrix",
-            _forward(conv2d_forward_cpu), saved_backward(conv2d_backward_cpu)),
+            "numba loop of adds)",
+            _forward(conv2d_forward_cpu, method="im2col"), saved_backward(conv2d_backward_cpu)),
+    Version("cpu_shifted",
+            "no im2col: a channels-last copy of the padded x with the S column shifts side by side (1/R "
+            "of im2col), one GEMM against all R·K (r, k) weight columns, and the R row shifts summed in "
+            "the epilogue that adds the bias and returns to NCHW; chunks of images keep the GEMM's output "
+            "in cache until the epilogue reads it (stride 2 falls back to im2col)",
+            _forward(conv2d_forward_cpu, method="shifted"), saved_backward(conv2d_backward_cpu)),
     Version("cuda_v1",
             "direct: one thread per y (and per dx) element looping over (c, r, s) (and (k, r, s)) "
             "from global memory; one block per dw element and per db element, shared-memory tree sums",

@@ -99,15 +99,17 @@ def test_reference_backward_matches_finite_differences(shape):
 
 # ---- the CPU implementation --------------------------------------------------------------------
 @given(shape=conv_shapes(), dtype=st.sampled_from([np.float32, np.float64]), with_bias=st.booleans(),
-       seed=st.integers(0, 2**16))
-@example(shape=(2, 3, 4, 5, 4, 1, 1, 1, 1), dtype=np.float32, with_bias=True, seed=0)  # 1×1, padded
-@example(shape=(3, 2, 7, 6, 5, 1, 1, 2, 0), dtype=np.float64, with_bias=False, seed=0)  # 1×1, strided
-def test_cpu_matches_reference(shape, dtype, with_bias, seed):
+       seed=st.integers(0, 2**16), method=st.sampled_from(["auto", "im2col", "shifted"]))
+@example(shape=(2, 3, 4, 5, 4, 1, 1, 1, 1), dtype=np.float32, with_bias=True, seed=0, method="auto")  # 1×1, padded
+@example(shape=(3, 2, 7, 6, 5, 1, 1, 2, 0), dtype=np.float64, with_bias=False, seed=0, method="auto")  # 1×1, strided
+@example(shape=(2, 3, 9, 8, 4, 3, 3, 1, 1), dtype=np.float32, with_bias=True, seed=0, method="shifted")
+@example(shape=(1, 2, 5, 6, 3, 2, 3, 1, 0), dtype=np.float64, with_bias=False, seed=0, method="shifted")  # unpadded
+def test_cpu_matches_reference(shape, dtype, with_bias, seed, method):
     x, w, b, dy = make_problem(shape, dtype, seed, offset=1.5)
     b = b if with_bias else None
     stride, padding = shape[-2:]
     tol = 1e-4 if dtype == np.float32 else 1e-9
-    y, saved = conv.conv2d_forward_cpu(x, w, b, stride, padding)
+    y, saved = conv.conv2d_forward_cpu(x, w, b, stride, padding, method)
     want = conv.conv2d_forward_reference(*(a.astype(np.float64) if a is not None else None for a in (x, w, b)),
                                  stride, padding)
     assert y.dtype == dtype and y.flags.c_contiguous
@@ -117,6 +119,40 @@ def test_cpu_matches_reference(shape, dtype, with_bias, seed):
     for name, got, want in zip(("dx", "dw", "db"), grads, wants):
         assert got.dtype == dtype and got.shape == want.shape and got.flags.c_contiguous, name
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=name)
+
+
+@pytest.mark.parametrize("method", ["im2col", "shifted"])
+@pytest.mark.parametrize("shape", [(2, 2, 4, 3, 3, 3, 3, 1, 1), (1, 3, 5, 4, 2, 2, 3, 1, 0), (2, 2, 5, 5, 2, 3, 3, 2, 1)])
+def test_cpu_backward_matches_finite_differences(method, shape):
+    """float64 gradcheck of each CPU method with a random upstream gradient (stride 2 runs im2col)."""
+    x, w, b, dy = make_problem(shape, np.float64, seed=5, offset=0.7)
+    stride, padding = shape[-2:]
+    objective = lambda: float((conv.conv2d_forward_cpu(x, w, b, stride, padding, method)[0] * dy).sum())  # noqa: E731
+    _, saved = conv.conv2d_forward_cpu(x, w, b, stride, padding, method)
+    for analytic, wrt in zip(conv.conv2d_backward_cpu(saved, dy), (x, w, b)):
+        np.testing.assert_allclose(analytic, numeric_gradient(objective, wrt), rtol=1e-6, atol=1e-8)
+
+
+def test_shifted_gemm_gives_the_same_result_in_chunks_of_one_image(monkeypatch):
+    """Chunking the batch (to keep the GEMM output in cache) changes no value: one image per chunk."""
+    from tinyddpm.kernels import shifted_gemm
+    x, w, b, dy = make_problem((3, 4, 6, 5, 3, 3, 3, 1, 1), np.float64, seed=6, offset=-0.4)
+    whole_y, saved = conv.conv2d_forward_cpu(x, w, b, 1, 1, "shifted")
+    whole = conv.conv2d_backward_cpu(saved, dy)
+    monkeypatch.setattr(shifted_gemm, "CHUNK_BYTES", 1)
+    y, saved = conv.conv2d_forward_cpu(x, w, b, 1, 1, "shifted")
+    assert len(shifted_gemm._chunks(3, 8 * 7, 8 * 9)) == 3
+    np.testing.assert_allclose(y, whole_y, rtol=1e-12, atol=1e-12)  # same sums, same order per output
+    for got, want in zip(conv.conv2d_backward_cpu(saved, dy), whole):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)  # dW sums chunk by chunk: another order
+
+
+def test_auto_takes_the_shifted_gemm_only_where_the_padded_border_is_cheap():
+    w = np.zeros((4, 4, 3, 3), np.float32)
+    assert conv._method(np.zeros((1, 4, 28, 28)), w, 1, 1, 28, 28, "auto") == "shifted"  # 900/784 = 1.15
+    assert conv._method(np.zeros((1, 4, 7, 7)), w, 1, 1, 7, 7, "auto") == "im2col"  # 81/49 = 1.65
+    assert conv._method(np.zeros((1, 4, 28, 28)), w, 2, 1, 14, 14, "shifted") == "im2col"  # stride 2
+    assert conv._method(np.zeros((1, 4, 28, 28)), w[:, :, :1, :1], 1, 0, 28, 28, "shifted") == "pointwise"
 
 
 # ---- the CUDA versions, in numba's simulator ---------------------------------------------------
