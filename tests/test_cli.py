@@ -96,6 +96,33 @@ def test_resume_continues_exactly_with_the_recipe_options(tmp_path, capsys):
     assert "steps" in capsys.readouterr().err
 
 
+def test_eval_every_scores_the_ema_model_keeps_the_scores_and_changes_no_training_bit(tmp_path, capsys):
+    args = [*FAST, "--sample-every", "1000", "--ckpt-every", "1000", "--steps", "4", "--eval-n", "20",
+            "--sample-steps", "2"]
+    assert cli.main(["train", *args, "--out", str(tmp_path / "plain")]) == 0
+    # stopped after step 2 (its evaluation at step 2 done), then resumed to step 4 with another at step 4
+    assert cli.main(["train", *args, "--steps", "2", "--eval-every", "2", "--out", str(tmp_path / "e")]) == 0
+    assert cli.main(["train", *args, "--eval-every", "2", "--out", str(tmp_path / "e"), "--resume"]) == 0
+    assert "EMA model cFID" in capsys.readouterr().err
+    plain, scored = (checkpoint.load(tmp_path / d / "checkpoint.npz") for d in ("plain", "e"))
+    for part in ("model", "ema", "optim"):  # sampling for the scores drew on no training RNG
+        for key in plain[part]:
+            np.testing.assert_array_equal(plain[part][key], scored[part][key], err_msg=f"{part}/{key}")
+    evals = scored["evals"]
+    assert evals.shape == (2, 3) and list(evals[:, 0]) == [2, 4]
+    assert (evals[:, 1] > 0).all() and ((0 <= evals[:, 2]) & (evals[:, 2] <= 1)).all()
+    assert plain["evals"].shape == (0, 3)
+    width, height = Image.open(tmp_path / "e" / "loss.png").size
+    assert height > Image.open(tmp_path / "plain" / "loss.png").size[1] * 1.5  # the second panel
+
+
+def test_eval_every_refuses_images_the_judge_cannot_read(tmp_path, capsys):
+    assert cli.main(["train", "--preset", "sim", "--eval-every", "1", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--eval-every needs 28×28 images" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_sim_preset_trains_on_pooled_digits_and_samples(tmp_path):
     # the preset gpu_check.py runs in the CUDA simulator, here on the CPU: 4×4 images end to end
     assert cli.main(["train", "--preset", "sim", "--out", str(tmp_path / "run")]) == 0

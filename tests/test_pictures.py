@@ -19,3 +19,12 @@ def test_loss_curve_draws_any_number_of_steps(n):
     img = pictures.loss_curve(np.exp(-np.linspace(0, 3, n)) + 0.01)
     assert img.mode == "RGB" and img.size == (640, 360)
     assert len(np.unique(np.asarray(img).reshape(-1, 3), axis=0)) > 10  # axes, ticks, labels and lines drawn
+
+
+@pytest.mark.parametrize("evals", [[(500, 80.0, 0.97)], [(500, 120.0, 0.9), (1000, 60.0, 0.98), (1500, 45.0, np.nan)]])
+def test_loss_curve_with_evaluations_adds_a_second_panel(evals):
+    img = pictures.loss_curve(np.exp(-np.linspace(0, 3, 1500)) + 0.01, evals)
+    assert img.size == (640, 720)
+    lower = np.asarray(img)[400:]
+    # red cFID points and green accuracy markers are drawn in the lower panel
+    assert ((lower[..., 0] > 150) & (lower[..., 1] < 90)).any() and ((lower[..., 1] > 100) & (lower[..., 0] < 60)).any()

@@ -140,6 +140,11 @@ def build_parser():
     t.add_argument("--seed", type=int)
     t.add_argument("--sample-every", type=_int_at_least(1))
     t.add_argument("--ckpt-every", type=_int_at_least(1))
+    t.add_argument("--sample-steps", type=_int_at_least(1), help="DDIM steps of the sample grids and --eval-every")
+    t.add_argument("--eval-every", type=_int_at_least(1), metavar="N",
+                   help="every N steps, classifier-FID and accuracy of the EMA model: printed, kept in the "
+                        "checkpoint and drawn under the loss curve")
+    t.add_argument("--eval-n", type=_int_at_least(2), help="samples per --eval-every evaluation (default 200)")
     again = t.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.npz")
     again.add_argument("--overwrite", action="store_true",
@@ -198,7 +203,8 @@ def cmd_train(args):
         "schedule": args.schedule, "timesteps": args.timesteps, "prediction": args.prediction,
         "conditional": args.conditional, "p_uncond": args.p_uncond, "ema_decay": args.ema_decay,
         "seed": args.seed, "sample_every": args.sample_every, "ckpt_every": args.ckpt_every,
-        "ema_warmup": args.ema_warmup, "lr_decay": args.lr_decay, "min_snr_gamma": args.min_snr_gamma}.items()
+        "ema_warmup": args.ema_warmup, "lr_decay": args.lr_decay, "min_snr_gamma": args.min_snr_gamma,
+        "eval_every": args.eval_every, "eval_n": args.eval_n, "sample_steps": args.sample_steps}.items()
         if v is not None}
     config = train.TrainConfig.for_preset(args.preset, **overrides)
     out = args.out or os.path.join("runs", args.preset)

@@ -37,27 +37,34 @@ def smoothed(values, beta=0.98):
     return out
 
 
-def loss_curve(losses):
+def loss_curve(losses, evals=()):
     """The training loss per step (light) and its bias-corrected moving average (dark) against the step,
-    log-scaled y with ticks, drawn with matplotlib (its Agg backend: no display needed)."""
+    log-scaled y with ticks; with evaluations [(step, cFID, accuracy), ...] (`train --eval-every`) a
+    second panel below: cFID (left axis) and accuracy (right axis). Drawn with matplotlib's Agg backend
+    (no display needed)."""
     import io
 
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
     losses = np.maximum(np.asarray(losses, dtype=np.float64), 1e-8)
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    evals = np.asarray(evals, dtype=np.float64).reshape(-1, 3)
+    panels = 2 if len(evals) else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(6.4, 3.6 * panels), dpi=100, sharex=True, squeeze=False)
     try:
+        ax = axes[0, 0]
         steps = np.arange(1, len(losses) + 1)
         ax.plot(steps, losses, color="#aabee6", linewidth=0.8, label="loss")
         if len(losses):
             ax.plot(steps, smoothed(losses), color="#143ca0", linewidth=1.8,
                     label=f"moving average (β = 0.98), last {smoothed(losses)[-1]:.4f}")
         ax.set_yscale("log")
-        ax.set_xlabel("step")
         ax.set_ylabel("training loss")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="upper right")
+        if len(evals):
+            _eval_panel(axes[1, 0], evals)
+        axes[-1, 0].set_xlabel("step")
         fig.tight_layout()
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png")
@@ -65,6 +72,21 @@ def loss_curve(losses):
         plt.close(fig)
     buffer.seek(0)
     return Image.open(buffer).convert("RGB")
+
+
+def _eval_panel(ax, evals):
+    """cFID of the EMA model (log y, left) and its accuracy in % (right) at each evaluated step."""
+    step, fid, accuracy = evals.T
+    ax.plot(step, np.maximum(fid, 1e-3), "o-", color="#b4321e", label="classifier-FID")
+    ax.set_yscale("log")
+    ax.set_ylabel("classifier-FID (EMA model)", color="#b4321e")
+    ax.grid(True, which="both", alpha=0.3)
+    right = ax.twinx()
+    right.plot(step, 100 * accuracy, "s--", color="#1e7846", label="accuracy")
+    right.set_ylabel("accuracy % (EMA model)", color="#1e7846")
+    right.set_ylim(0, 100)
+    ax.set_title(f"EMA model at each --eval-every step: last cFID {fid[-1]:.1f}, accuracy {100 * accuracy[-1]:.1f}%",
+                 fontsize=9)
 
 
 def save(picture, path):

@@ -40,7 +40,9 @@ class TrainConfig:
     seed: int = 0
     sample_every: int = 500
     ckpt_every: int = 250
-    sample_steps: int = 25          # DDIM steps for the periodic sample grids
+    sample_steps: int = 25          # DDIM steps for the periodic sample grids (and the evaluations)
+    eval_every: int = 0             # cFID and accuracy of the EMA model every N steps (0: off) ...
+    eval_n: int = 200               # ... on this many samples, balanced over the digits
 
     @classmethod
     def for_preset(cls, name, **overrides):
@@ -49,6 +51,9 @@ class TrainConfig:
 
     def unet_config(self):
         return dataclasses.replace(PRESETS[self.preset].unet, num_classes=10 if self.conditional else 0)
+
+
+EVAL_IMAGE_SIZE = 28  # --eval-every: the image size the judge reads
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,10 @@ class Trainer:
 
     def __init__(self, config, out_dir, data_dir=None, log=print, resume=False, overwrite=False):
         self.config, self.out_dir, self.log = config, out_dir, log
+        if config.eval_every and config.unet_config().image_size != EVAL_IMAGE_SIZE:
+            raise ValueError(f"--eval-every needs {EVAL_IMAGE_SIZE}×{EVAL_IMAGE_SIZE} images for the judge; "
+                             f"preset {config.preset!r} makes {config.unet_config().image_size}×"
+                             f"{config.unet_config().image_size}")
         if resume and not os.path.isfile(self.checkpoint_path):
             raise checkpoint.CheckpointError(f"--resume: there is no checkpoint.npz in {out_dir!r} to continue")
         if not resume and not overwrite and holds_run(out_dir):
@@ -130,6 +139,7 @@ class Trainer:
         self.ema = optim.EMA(self.model, config.ema_decay)
         self.opt = optim.Adam(self.model.parameters(), lr=config.lr)
         self.step, self.losses = 0, []
+        self.evals, self._judge = [], None  # [(step, cFID, accuracy)] of --eval-every; the judge, loaded once
         if resume:
             self.resume()
 
@@ -150,6 +160,7 @@ class Trainer:
             "unet_config": json.dumps(self.config.unet_config().to_dict()),
             "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optim": self.opt.state_dict(),
             "step": self.step, "losses": np.asarray(self.losses, dtype=np.float64),
+            "evals": np.asarray(self.evals, dtype=np.float64).reshape(-1, 3),
             "rng": json.dumps(self.rng.bit_generator.state), "init_rng": json.dumps(_random.get_state()),
             "device_rng": json.dumps(_random.get_device_state()),
         })
@@ -158,7 +169,7 @@ class Trainer:
         state = load_checkpoint(self.checkpoint_path)
         saved = TrainConfig(**json.loads(state["config"]))
         changed = [f.name for f in dataclasses.fields(TrainConfig)
-                   if f.name not in ("steps", "sample_every", "ckpt_every", "sample_steps")
+                   if f.name not in ("steps", "sample_every", "ckpt_every", "sample_steps", "eval_every", "eval_n")
                    and getattr(saved, f.name) != getattr(self.config, f.name)]
         if self.config.lr_decay == "cosine" and saved.steps != self.config.steps:
             changed.append("steps (the cosine decay is planned over the run's --steps)")
@@ -168,6 +179,7 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optim"])
         self.step, self.losses = int(state["step"]), list(state["losses"])
+        self.evals = [tuple(row) for row in state.get("evals", ())]  # checkpoints from before --eval-every: none
         self.rng.bit_generator.state = json.loads(state["rng"])
         _random.set_state(json.loads(state["init_rng"]))
         if "device_rng" in state:  # checkpoints from before dropout drew on the device have none
@@ -193,6 +205,26 @@ class Trainer:
         self.ema.update(self.model, optim.ema_decay_at(self.step, cfg.ema_decay, cfg.ema_warmup))
         self.step += 1
         return loss.item()
+
+    def evaluate_ema(self):
+        """cFID and accuracy (tinyddpm.evaluation) of eval_n samples of the EMA model, balanced over the
+        digits, drawn as the grids are (DDIM, guidance 1, noise seeded by the step): the curve's second
+        panel. It reads no training RNG, so a run with evaluations trains exactly as one without."""
+        from . import evaluation
+        if self._judge is None:
+            self._judge = evaluation.load_judge()
+        self.ema.copy_to(self.ema_model)
+        cfg = self.config
+        labels = np.arange(cfg.eval_n) % 10 if cfg.conditional else None
+        with no_grad():
+            x = self.diffusion.sample(self.ema_model, self.ema_model.config.image_shape(cfg.eval_n), y=labels,
+                                      sampler="ddim", steps=cfg.sample_steps, guidance=1.0 if cfg.conditional else 0.0,
+                                      progress=False, rng=np.random.default_rng(cfg.seed + self.step))
+        images = data.from_model_range(_dev.to_numpy(x.data))[:, 0]
+        result = evaluation.evaluate(images, labels, *self._judge)
+        accuracy = np.nan if result.accuracy is None else result.accuracy
+        self.evals.append((self.step, result.fid, accuracy))
+        self.log(f"step {self.step}: EMA model cFID {result.fid:.1f}, accuracy {100 * accuracy:.1f}% (n = {cfg.eval_n})")
 
     def sample_grid(self, path, n_per_class=8):
         """Samples (DDIM, guidance 1) of the EMA model (left) and of the raw model (right) from the same
@@ -229,6 +261,8 @@ class Trainer:
                     self.save()
                 if self.step % cfg.sample_every == 0:
                     self.sample_grid(os.path.join(self.out_dir, f"samples_{self.step:06d}.png"))
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self.evaluate_ema()
         except KeyboardInterrupt:
             bar.close()
             self.save()
@@ -236,7 +270,7 @@ class Trainer:
             raise
         bar.close()
         self.save()
-        pictures.save(pictures.loss_curve(self.losses), os.path.join(self.out_dir, "loss.png"))
+        pictures.save(pictures.loss_curve(self.losses, self.evals), os.path.join(self.out_dir, "loss.png"))
         if os.path.isfile(self.previous_checkpoint_path):
             os.remove(self.previous_checkpoint_path)  # the new run is complete: the replaced one can go
         elapsed = time.perf_counter() - t0
