@@ -7,20 +7,21 @@
 
 σ(a) = ½ + ½·tanh(a/2) everywhere outside the reference: it cannot overflow, unlike 1/(1 + e^−a).
 
-The versions (reference, cpu, cuda_v1) are the rows of VERSIONS at the end of this file, with their
+The versions (reference, cpu, cpu_numpy, cuda_v1) are the rows of VERSIONS at the end of this file, with their
 kernels ``group_norm_silu_<pass>_v<N>``; ``python benchmarks/bench_kernels.py --list`` prints them
 with the command that runs each one alone.
 """
 import math
 
 import numpy as np
-from numba import float32
+from numba import float32, njit
 
 from ._bench import OpBench, Version, host64, saved_backward
 from ._cuda import HALF, ONE, ZERO, array_module, block_sum3, cuda, device_function, kernel, sum_columns
 from .group_norm import (SHAPES, SIM_SHAPES, THREADS, affine_cpu, as_rows, case_args, elements, forward_outputs,
                          grad_rows, group_norm_backward_reference, group_norm_forward_reference, make_case,
                          norm_backward_cpu, normalise_cpu, row_channels, traffic_bytes, welford_stats)
+from .vector_math import sigmoid32
 
 
 # ---- NumPy reference ---------------------------------------------------------------------------
@@ -43,6 +44,112 @@ def group_norm_silu_backward_reference(x, num_groups, weight, bias, dy, has_emb,
 
 
 # ---- CPU implementation (the engine's `cpu` backend) -------------------------------------------
+# float32 (training, sampling): fused numba passes over one (sample, group) row at a time. NumPy's
+# passes below serve float64 (the gradchecks) and are the `cpu_numpy` version row.
+def group_norm_silu_forward_cpu(x, num_groups, weight, bias, emb=None, eps=1e-5):
+    """y = silu(GN(x)) + emb[:, :, None, None] -> (y, saved)."""
+    if x.dtype != np.float32:
+        return group_norm_silu_forward_numpy(x, num_groups, weight, bias, emb, eps)
+    n, c = x.shape[:2]
+    rows = np.ascontiguousarray(x).reshape(n, num_groups, c // num_groups, -1)
+    y = np.empty(rows.shape, np.float32)
+    mean, rstd = np.empty((n, num_groups), np.float32), np.empty((n, num_groups), np.float32)
+    emb_rows = np.zeros((1, 1), np.float32) if emb is None else np.ascontiguousarray(emb, np.float32).reshape(n, c)
+    _fused_forward_rows(rows, weight.astype(np.float32, copy=False), bias.astype(np.float32, copy=False),
+                        emb_rows, emb is not None, np.float32(eps), y, mean, rstd)
+    saved = {"x": rows, "mean": mean, "rstd": rstd, "weight": weight, "bias": bias, "shape": x.shape,
+             "has_emb": emb is not None}
+    return y.reshape(x.shape), saved
+
+
+def group_norm_silu_backward_cpu(saved, dy):
+    """(dx, dγ, dβ, demb or None) of group_norm_silu_forward_cpu."""
+    if "xhat" in saved:
+        return group_norm_silu_backward_numpy(saved, dy)
+    rows = saved["x"]
+    n, c = saved["shape"][:2]
+    dx = np.empty(rows.shape, np.float32)
+    dweight_part, dbias_part, demb = (np.empty((n, c), np.float32) for _ in range(3))
+    _fused_backward_rows(rows, np.ascontiguousarray(dy, np.float32).reshape(rows.shape),
+                         saved["weight"].astype(np.float32, copy=False), saved["bias"].astype(np.float32, copy=False),
+                         saved["mean"], saved["rstd"], dx, dweight_part, dbias_part, demb)
+    return (dx.reshape(saved["shape"]), dweight_part.sum(axis=0), dbias_part.sum(axis=0),
+            demb if saved["has_emb"] else None)
+
+
+# One row of M = (C/G)·S contiguous floats (NCHW) is a few tens of KB: after its first read it is
+# served from L1/L2, so these passes cost about one DRAM read of x (and dy) and one write of y (dx),
+# where the NumPy version makes a dozen full-size passes and temporaries. saved is x itself (no copy),
+# μ and rstd. Single-threaded: parallel rows (prange) gained nothing at these sizes on 2 cores and
+# lost badly when the cores were busy; sigmoid32 keeps the exp vectorised (kernels/vector_math.py).
+@njit(fastmath=True, error_model="numpy", cache=True)
+def _fused_forward_rows(x, weight, bias, emb, has_emb, eps, y, mean, rstd):
+    """Per (n, g) row of x (N, G, Cg, S): two-pass μ and σ², then y = a·σ(a) + emb[n, c] at
+    a = x·(γ_c·rstd) + (β_c − μ·γ_c·rstd); μ and rstd (N, G) are written for the backward."""
+    n, g, cg, s = x.shape
+    m = float32(cg * s)
+    for b in range(n):
+        for gi in range(g):
+            xr = x[b, gi]
+            total = float32(0)
+            for ci in range(cg):
+                for j in range(s):
+                    total += xr[ci, j]
+            mu = total / m
+            total = float32(0)
+            for ci in range(cg):
+                for j in range(s):
+                    d = xr[ci, j] - mu
+                    total += d * d
+            rs = float32(1) / np.sqrt(total / m + eps)
+            mean[b, gi], rstd[b, gi] = mu, rs
+            for ci in range(cg):
+                c = gi * cg + ci
+                scale = weight[c] * rs
+                shift = bias[c] - mu * scale
+                e = emb[b, c] if has_emb else float32(0)
+                xc, yc = xr[ci], y[b, gi, ci]
+                for j in range(s):
+                    a = xc[j] * scale + shift
+                    yc[j] = a * sigmoid32(a) + e
+
+
+@njit(fastmath=True, error_model="numpy", cache=True)
+def _fused_backward_rows(x, dy, weight, bias, mean, rstd, dx, dweight_part, dbias_part, demb):
+    """Per (n, g) row, two passes: (1) a and σ(a) recomputed, da = dy·σ(a)(1 + a(1 − σ(a))) kept in dx,
+    the channel sums Σ da·x̂ (→ dγ), Σ da (→ dβ) and Σ dy (→ demb) into (N, C) partials; (2) the GroupNorm
+    closed form dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)), ĝ = γ_c·da."""
+    n, g, cg, s = x.shape
+    m = float32(cg * s)
+    for b in range(n):
+        for gi in range(g):
+            mu, rs = mean[b, gi], rstd[b, gi]
+            sum_g, sum_gx = float32(0), float32(0)
+            for ci in range(cg):
+                c = gi * cg + ci
+                scale = weight[c] * rs
+                shift = bias[c] - mu * scale
+                xc, dyc, dac = x[b, gi, ci], dy[b, gi, ci], dx[b, gi, ci]
+                s_da, s_dax, s_dy = float32(0), float32(0), float32(0)
+                for j in range(s):
+                    a = xc[j] * scale + shift
+                    sig = sigmoid32(a)
+                    da = dyc[j] * sig * (float32(1) + a * (float32(1) - sig))
+                    dac[j] = da
+                    s_da += da
+                    s_dax += da * ((xc[j] - mu) * rs)
+                    s_dy += dyc[j]
+                dweight_part[b, c], dbias_part[b, c], demb[b, c] = s_dax, s_da, s_dy
+                sum_g += weight[c] * s_da
+                sum_gx += weight[c] * s_dax
+            mean_g, mean_gx = sum_g / m, sum_gx / m
+            for ci in range(cg):
+                gamma = weight[gi * cg + ci]
+                xc, dac = x[b, gi, ci], dx[b, gi, ci]
+                for j in range(s):
+                    dac[j] = rs * (gamma * dac[j] - mean_g - (xc[j] - mu) * rs * mean_gx)
+
+
 def sigmoid_cpu(a):
     """σ(a) = ½ + ½·tanh(a/2) = 1/(1 + e^−a), without overflow for very negative a; one new array."""
     sig = np.multiply(a, 0.5)
@@ -52,8 +159,8 @@ def sigmoid_cpu(a):
     return sig
 
 
-def group_norm_silu_forward_cpu(x, num_groups, weight, bias, emb=None, eps=1e-5):
-    """y = silu(GN(x)) + emb[:, :, None, None] -> (y, saved)."""
+def group_norm_silu_forward_numpy(x, num_groups, weight, bias, emb=None, eps=1e-5):
+    """y = silu(GN(x)) + emb[:, :, None, None] -> (y, saved), in NumPy passes (any float dtype)."""
     xhat, rstd = normalise_cpu(x, num_groups, eps)
     a = affine_cpu(xhat, x.shape, weight, bias)
     a *= sigmoid_cpu(a)
@@ -64,9 +171,9 @@ def group_norm_silu_forward_cpu(x, num_groups, weight, bias, emb=None, eps=1e-5)
     return a.reshape(x.shape), saved
 
 
-def group_norm_silu_backward_cpu(saved, dy):
-    """(dx, dγ, dβ, demb or None) of group_norm_silu_forward_cpu; a = γx̂ + β is recomputed from the saved
-    x̂ rather than stored (one (N, C, S) array less held between forward and backward)."""
+def group_norm_silu_backward_numpy(saved, dy):
+    """(dx, dγ, dβ, demb or None) of group_norm_silu_forward_numpy; a = γx̂ + β is recomputed from the
+    saved x̂ rather than stored (one (N, C, S) array less held between forward and backward)."""
     shape = saved["shape"]
     dy = dy.reshape(shape[0], shape[1], -1)
     a = affine_cpu(saved["xhat"], shape, saved["weight"], saved["bias"])
@@ -211,9 +318,15 @@ VERSIONS = (
             lambda case: (group_norm_silu_forward_reference(*case_args(case), case["emb"]), None),
             lambda case, _: group_norm_silu_backward_reference(*case_args(case), case["dy"], has_emb=True)),
     Version("cpu",
-            "SiLU and + emb in place on the normalised array; backward: a recomputed from the saved x̂, "
-            "silu' in place, then GroupNorm's closed-form backward",
+            "float32: fused numba passes per (sample, group) row, statistics, SiLU and + emb in one write "
+            "of y; backward in two passes per row (da and the channel sums, then the closed form); saves "
+            "x, μ and rstd only; a vectorisable exp (kernels/vector_math.py)",
             _forward(group_norm_silu_forward_cpu), saved_backward(group_norm_silu_backward_cpu)),
+    Version("cpu_numpy",
+            "NumPy passes (any float dtype: the engine's path for float64): SiLU and + emb in place on the "
+            "normalised array; backward: a recomputed from the saved x̂, silu' in place, then GroupNorm's "
+            "closed-form backward",
+            _forward(group_norm_silu_forward_numpy), saved_backward(group_norm_silu_backward_numpy)),
     Version("cuda_v1",
             "group_norm cuda_v2's forward with SiLU and + emb in its normalising pass, and cuda_v1's "
             "backward with silu' recomputed in both passes and demb from the channel pass (its three "
