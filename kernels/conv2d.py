@@ -19,7 +19,7 @@ its pixels) and padded by R − 1 − π, with the weights flipped in (r, s) and
     dx[n, c, h, v] = Σ_{k, r, s} w[k, c, r, s] · dy[n, k, (h + π − r)/σ, (v + π − s)/σ]
                      (terms whose index is not a whole number inside dy are zero)
 
-The versions (reference, cpu, cpu_im2col, cpu_shifted, cuda_v1, cuda_v2) are the rows of VERSIONS at the end of this file,
+The versions (reference, cpu, cpu_im2col, cpu_shifted, cpu_winograd, cuda_v1, cuda_v2) are the rows of VERSIONS at the end of this file,
 each with its idea and its kernels ``conv2d_<pass>_v<N>``; ``python benchmarks/bench_kernels.py
 --list`` prints them with the command that runs each one alone.
 """
@@ -30,7 +30,9 @@ from ._bench import OpBench, Version, host64, saved_backward
 from ._cuda import (ZERO, array_module, block_sum, ceil_div, cuda, device_function, kernel, require_float32,
                     sum_columns, unravel)
 from .im2col import col2im, im2col
-from .shifted_gemm import conv2d_backward_shifted, conv2d_forward_shifted
+from .shifted_gemm import conv2d_backward_shifted, conv2d_forward_shifted, shifted_state
+from .winograd import conv2d_backward_data_winograd, conv2d_forward_winograd
+from .winograd import fits as winograd_fits
 
 
 def _output_size(size, kernel_size, stride, padding):
@@ -98,12 +100,18 @@ def conv2d_backward_reference(x, w, dy, stride=1, padding=0):
 
 
 # ---- CPU implementation (the engine's `cpu` backend) -------------------------------------------
-# Two ways to one GEMM per pass, picked per layer (version rows cpu_im2col and cpu_shifted time each):
-# im2col columns are batch-innermost ("CHWN"): with n innermost, each GEMM pass is one large product
-# instead of N small ones; im2col and col2im are compiled numba loops (kernels/im2col.py). The shifted
-# GEMM (kernels/shifted_gemm.py) materialises a third of that for 3×3 but computes the padded border too.
-# A stride-1 conv takes the shifted GEMM where that border costs at most this factor in work (28×28:
-# 1.15; 14×14: 1.31 and 7×7: 1.65 go to im2col, which was faster there: see the README's table).
+# Three ways to a conv by GEMMs, picked per layer (the version rows cpu_im2col, cpu_shifted and
+# cpu_winograd time each at the U-Net's shapes; the README has the table):
+# - im2col (kernels/im2col.py): batch-innermost ("CHWN") columns, so each pass is one large GEMM;
+# - the shifted GEMM (kernels/shifted_gemm.py): stride 1, a third of im2col's data for 3×3, but the
+#   padded border is computed too;
+# - Winograd F(2×2, 3×3) (kernels/winograd.py): 3×3 stride 1, 2.25x fewer multiplies, for the forward
+#   and backward-data; its dW is the shifted GEMM's.
+# A 3×3 stride-1 conv with at least WINOGRAD_MIN_CHANNELS input channels takes Winograd (it won
+# at every U-Net shape but the first conv, C = 1, whose tiny GEMMs cannot pay for the transforms);
+# otherwise a stride-1 conv takes the shifted GEMM where its padded border adds at most
+# SHIFTED_MAX_OVERHEAD of work (28×28: 1.15; 7×7: 1.65), else im2col.
+WINOGRAD_MIN_CHANNELS = 8
 SHIFTED_MAX_OVERHEAD = 1.2
 
 
@@ -113,21 +121,26 @@ def _is_pointwise(w, stride, padding):
 
 
 def _method(x, w, stride, padding, out_h, out_w, method):
-    """'pointwise', 'im2col' or 'shifted' for this conv; `method` forces im2col or the shifted GEMM
-    wherever that can run (the shifted GEMM is stride 1 only)."""
+    """'pointwise', 'im2col', 'shifted' or 'winograd' for this conv; `method` forces one of the last
+    three wherever it can run (shifted: stride 1; winograd: see winograd.fits), else im2col."""
     if _is_pointwise(w, stride, padding):
         return "pointwise"
-    if stride != 1 or method == "im2col":
+    if method == "winograd" or (method == "auto" and x.shape[1] >= WINOGRAD_MIN_CHANNELS):
+        if winograd_fits(w, stride, padding):
+            return "winograd"
+    if stride != 1 or method in ("im2col", "winograd"):
         return "im2col"
     padded = (x.shape[2] + 2 * padding) * (x.shape[3] + 2 * padding)
     return "shifted" if method == "shifted" or padded <= SHIFTED_MAX_OVERHEAD * out_h * out_w else "im2col"
 
 
 def conv2d_forward_cpu(x, w, b, stride, padding, method="auto"):
-    """y = W X̂ + b by one GEMM per pass -> (y, saved): x itself for a pointwise conv, else im2col
-    (Chellapilla et al. 2006) or the shifted GEMM; saved keeps what dW needs (X̂, or x, or X_S)."""
+    """y = conv2d(x, w) + b by GEMMs -> (y, saved): x itself for a pointwise conv, else im2col
+    (Chellapilla et al. 2006), the shifted GEMM or Winograd; saved keeps what the backward needs."""
     out_h, out_w = _check_args(x, w, b, stride, padding)
     method = _method(x, w, stride, padding, out_h, out_w, method)
+    if method == "winograd":
+        return conv2d_forward_winograd(x, w, b, padding), dict(shifted_state(x, w, padding), w=w, method=method)
     if method == "shifted":
         y, saved = conv2d_forward_shifted(x, w, b, padding, out_h, out_w)
         return y, dict(saved, method=method)
@@ -151,9 +164,12 @@ def conv2d_forward_cpu(x, w, b, stride, padding, method="auto"):
 
 def conv2d_backward_cpu(saved, dy):
     """(dx, dw, db) of conv2d_forward_cpu: dW = dY X̂ᵀ and dX̂ = Wᵀ dY (one GEMM each), dx = col2im(dX̂),
-    db = Σ dy (the shifted GEMM: conv2d_backward_shifted)."""
+    db = Σ dy (shifted: conv2d_backward_shifted; Winograd: dx by Winograd, dW by the shifted GEMM)."""
     if saved["method"] == "shifted":
         return conv2d_backward_shifted(saved, dy)
+    if saved["method"] == "winograd":
+        _, dw, db = conv2d_backward_shifted(saved, dy, need_dx=False)
+        return conv2d_backward_data_winograd(saved["w"], dy, saved["padding"]), dw, db
     cols, w, x_shape = saved["cols"], saved["w"], saved["x_shape"]
     k, _, kh, kw = w.shape
     n, _, out_h, out_w = dy.shape
@@ -529,9 +545,9 @@ VERSIONS = (
             lambda case, _: conv2d_backward_reference(case["x"], case["w"], case["dy"], case["stride"],
                                                       case["padding"])),
     Version("cpu",
-            "the engine's CPU path: per layer the faster of the two rows below (the shifted GEMM for a "
-            "stride-1 conv whose padded border adds at most 20% work, else im2col); a 1×1 stride-1 conv "
-            "skips both: x is its own column matrix",
+            "the engine's CPU path: per layer one of the rows below (Winograd for a 3×3 stride-1 conv of "
+            "at least 8 input channels, else the shifted GEMM where the padded border adds at most "
+            "20% work, else im2col); a 1×1 stride-1 conv skips them all: x is its own column matrix",
             _forward(conv2d_forward_cpu), saved_backward(conv2d_backward_cpu)),
     Version("cpu_im2col",
             "im2col into batch-innermost (C·R·S, Ho·Wo·N) columns by a compiled numba loop, then one "
@@ -544,6 +560,11 @@ VERSIONS = (
             "the epilogue that adds the bias and returns to NCHW; chunks of images keep the GEMM's output "
             "in cache until the epilogue reads it (stride 2 falls back to im2col)",
             _forward(conv2d_forward_cpu, method="shifted"), saved_backward(conv2d_backward_cpu)),
+    Version("cpu_winograd",
+            "Winograd F(2×2, 3×3) for 3×3 stride 1 (Lavin & Gray 2016): 16 GEMMs over input and filter "
+            "tiles transformed by numba loops, 2.25x fewer multiplies; backward-data is the same "
+            "transform on the flipped filters, dW the shifted GEMM's (other convs fall back to im2col)",
+            _forward(conv2d_forward_cpu, method="winograd"), saved_backward(conv2d_backward_cpu)),
     Version("cuda_v1",
             "direct: one thread per y (and per dx) element looping over (c, r, s) (and (k, r, s)) "
             "from global memory; one block per dw element and per db element, shared-memory tree sums",

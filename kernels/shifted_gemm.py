@@ -10,7 +10,8 @@ X_S[q, (s, c)] = X[q + s, c] (S column shifts side by side) and W_cat[(s, c), (r
                      dW_cat = X_Sᵀ dZ,    dX_S = dZ W_catᵀ,    dx[n, c, h, v] = Σ_s dX_S[q − s, (s, c)]
 
 X_S is S/(R·S) of im2col's size (a third for 3×3) and the row shifts r cost nothing: they are
-folded into the epilogue that also adds the bias and returns to NCHW. The price is output computed
+folded into the epilogue that also adds the bias and returns to NCHW. Both passes run over chunks of
+images whose X_S, Z and dZ fit in cache; nothing but x is kept for the backward. The price is output computed
 at the padded positions too: Hp·Wp/(Ho·Wo) of the work (1.15× at 28×28, 1.65× at 7×7).
 """
 import numpy as np
@@ -98,46 +99,60 @@ def _gather_column_shifts(dxs, padding, kw, dx):
 
 
 def _chunks(n, rows_per_image, row_bytes):
-    """Image ranges [b0, b1) whose GEMM output fits CHUNK_BYTES, so Z and dZ stay in cache between
-    the GEMM that writes them and the loop that reads them."""
+    """Image ranges [b0, b1) whose GEMM output fits CHUNK_BYTES, so the chunk's X_S, Z and dZ stay in
+    cache between the loop that writes them and the GEMM or loop that reads them."""
     step = max(1, CHUNK_BYTES // (rows_per_image * row_bytes))
     return [(b0, min(n, b0 + step)) for b0 in range(0, n, step)]
 
 
 def conv2d_forward_shifted(x, w, b, padding, out_h, out_w):
-    """y = Σ_r shift_r(X_S W_cat) + b, stride 1 -> (y, saved) with saved holding X_S for dW."""
+    """y = Σ_r shift_r(X_S W_cat) + b, stride 1 -> (y, saved). X_S lives one chunk at a time (the
+    backward rebuilds it from x, cheaper than keeping it: see the README), so saved is x itself."""
     n, c, h, width = x.shape
     k, _, kh, kw = w.shape
-    hp, wp = h + 2 * padding, width + 2 * padding
+    rows = (h + 2 * padding) * (width + 2 * padding)
     dtype = np.result_type(x, w)
-    w_cat = w.transpose(3, 1, 2, 0).reshape(kw * c, kh * k).astype(dtype, copy=False)  # [(s, c), (r, k)]
+    saved = shifted_state(x, w, padding)
+    w_cat = saved["w_cat"]
     bias = np.zeros(k, dtype) if b is None else b.astype(dtype, copy=False)
-    xs = np.empty((n, hp * wp, kw * c), dtype)
     y = np.empty((n, k, out_h, out_w), dtype)
-    z = np.empty((hp * wp * n, kh * k), dtype)  # reused by every chunk
-    for b0, b1 in _chunks(n, hp * wp, z.itemsize * kh * k):
-        xs_chunk, z_chunk = xs[b0:b1].reshape(-1, kw * c), z[:(b1 - b0) * hp * wp]
+    chunks = _chunks(n, rows, np.dtype(dtype).itemsize * max(kh * k, kw * c))
+    most = max(b1 - b0 for b0, b1 in chunks)
+    xs, z = np.empty((most * rows, kw * c), dtype), np.empty((most * rows, kh * k), dtype)  # chunk buffers
+    for b0, b1 in chunks:
+        xs_chunk, z_chunk = xs[:(b1 - b0) * rows], z[:(b1 - b0) * rows]
         _shifted_columns(x[b0:b1], padding, kw, xs_chunk)
         np.matmul(xs_chunk, w_cat, out=z_chunk)
-        _sum_row_shifts(z_chunk, bias, hp, wp, y[b0:b1])
-    return y, {"xs": xs, "w_cat": w_cat, "w_shape": w.shape, "x_shape": x.shape, "padding": padding}
+        _sum_row_shifts(z_chunk, bias, h + 2 * padding, width + 2 * padding, y[b0:b1])
+    return y, saved
 
 
-def conv2d_backward_shifted(saved, dy):
-    """(dx, dw, db) of conv2d_forward_shifted: dW_cat = X_Sᵀ dZ and dX_S = dZ W_catᵀ (one GEMM each per
-    chunk of images, dW_cat summed over the chunks)."""
-    xs, w_cat, (k, c, kh, kw), x_shape = saved["xs"], saved["w_cat"], saved["w_shape"], saved["x_shape"]
-    padding, n, rows = saved["padding"], x_shape[0], xs.shape[1]
-    hp, wp = x_shape[2] + 2 * padding, x_shape[3] + 2 * padding
-    dz = np.empty((n * rows, kh * k), xs.dtype)  # chunk buffers, reused
-    dxs = np.empty((n * rows, kw * c), xs.dtype)
-    dw_cat = np.zeros(w_cat.shape, xs.dtype)
-    dx = np.empty(x_shape, xs.dtype)
-    for b0, b1 in _chunks(n, rows, dz.itemsize * max(kh * k, kw * c)):
-        xs_chunk, dz_chunk, dxs_chunk = xs[b0:b1].reshape(-1, kw * c), dz[:(b1 - b0) * rows], dxs[:(b1 - b0) * rows]
+def shifted_state(x, w, padding):
+    """What conv2d_backward_shifted reads: x, the weights as W_cat[(s, c), (r, k)] = w[k, c, r, s]."""
+    kw, c, kh, k = w.shape[3], w.shape[1], w.shape[2], w.shape[0]
+    w_cat = w.transpose(3, 1, 2, 0).reshape(kw * c, kh * k).astype(np.result_type(x, w), copy=False)
+    return {"x": x, "w_cat": w_cat, "w_shape": w.shape, "padding": padding}
+
+
+def conv2d_backward_shifted(saved, dy, need_dx=True):
+    """(dx or None, dw, db) of conv2d_forward_shifted: per chunk of images X_S is rebuilt, then
+    dW_cat += X_Sᵀ dZ and dX_S = dZ W_catᵀ (one GEMM each)."""
+    x, w_cat, (k, c, kh, kw), padding = saved["x"], saved["w_cat"], saved["w_shape"], saved["padding"]
+    n, _, h, width = x.shape
+    hp, wp = h + 2 * padding, width + 2 * padding
+    rows, dtype = hp * wp, w_cat.dtype
+    chunks = _chunks(n, rows, dtype.itemsize * max(kh * k, kw * c))
+    most = max(b1 - b0 for b0, b1 in chunks)
+    xs, dz, dxs = (np.empty((most * rows, cols), dtype) for cols in (kw * c, kh * k, kw * c))  # chunk buffers
+    dw_cat = np.zeros(w_cat.shape, dtype)
+    dx = np.empty(x.shape, dtype) if need_dx else None
+    for b0, b1 in chunks:
+        xs_chunk, dz_chunk, dxs_chunk = xs[:(b1 - b0) * rows], dz[:(b1 - b0) * rows], dxs[:(b1 - b0) * rows]
+        _shifted_columns(x[b0:b1], padding, kw, xs_chunk)
         _spread_row_shifts(dy[b0:b1], kh, hp, wp, dz_chunk)
         dw_cat += xs_chunk.T @ dz_chunk
-        np.matmul(dz_chunk, w_cat.T, out=dxs_chunk)
-        _gather_column_shifts(dxs_chunk, padding, kw, dx[b0:b1])
+        if need_dx:
+            np.matmul(dz_chunk, w_cat.T, out=dxs_chunk)
+            _gather_column_shifts(dxs_chunk, padding, kw, dx[b0:b1])
     dw = dw_cat.reshape(kw, c, kh, k).transpose(3, 1, 2, 0)
     return dx, np.ascontiguousarray(dw), dy.sum(axis=(0, 2, 3))

@@ -99,7 +99,7 @@ def test_reference_backward_matches_finite_differences(shape):
 
 # ---- the CPU implementation --------------------------------------------------------------------
 @given(shape=conv_shapes(), dtype=st.sampled_from([np.float32, np.float64]), with_bias=st.booleans(),
-       seed=st.integers(0, 2**16), method=st.sampled_from(["auto", "im2col", "shifted"]))
+       seed=st.integers(0, 2**16), method=st.sampled_from(["auto", "im2col", "shifted", "winograd"]))
 @example(shape=(2, 3, 4, 5, 4, 1, 1, 1, 1), dtype=np.float32, with_bias=True, seed=0, method="auto")  # 1×1, padded
 @example(shape=(3, 2, 7, 6, 5, 1, 1, 2, 0), dtype=np.float64, with_bias=False, seed=0, method="auto")  # 1×1, strided
 @example(shape=(2, 3, 9, 8, 4, 3, 3, 1, 1), dtype=np.float32, with_bias=True, seed=0, method="shifted")
@@ -121,10 +121,12 @@ def test_cpu_matches_reference(shape, dtype, with_bias, seed, method):
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=name)
 
 
-@pytest.mark.parametrize("method", ["im2col", "shifted"])
-@pytest.mark.parametrize("shape", [(2, 2, 4, 3, 3, 3, 3, 1, 1), (1, 3, 5, 4, 2, 2, 3, 1, 0), (2, 2, 5, 5, 2, 3, 3, 2, 1)])
+@pytest.mark.parametrize("method", ["im2col", "shifted", "winograd"])
+@pytest.mark.parametrize("shape", [(2, 2, 4, 3, 3, 3, 3, 1, 1), (1, 3, 5, 4, 2, 2, 3, 1, 0), (2, 2, 5, 5, 2, 3, 3, 2, 1),
+                                   (1, 2, 5, 6, 2, 3, 3, 1, 2)])
 def test_cpu_backward_matches_finite_differences(method, shape):
-    """float64 gradcheck of each CPU method with a random upstream gradient (stride 2 runs im2col)."""
+    """float64 gradcheck of each CPU method with a random upstream gradient (where a method cannot run the
+    shape, e.g. stride 2, it falls back to im2col)."""
     x, w, b, dy = make_problem(shape, np.float64, seed=5, offset=0.7)
     stride, padding = shape[-2:]
     objective = lambda: float((conv.conv2d_forward_cpu(x, w, b, stride, padding, method)[0] * dy).sum())  # noqa: E731
@@ -147,12 +149,35 @@ def test_shifted_gemm_gives_the_same_result_in_chunks_of_one_image(monkeypatch):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)  # dW sums chunk by chunk: another order
 
 
-def test_auto_takes_the_shifted_gemm_only_where_the_padded_border_is_cheap():
-    w = np.zeros((4, 4, 3, 3), np.float32)
-    assert conv._method(np.zeros((1, 4, 28, 28)), w, 1, 1, 28, 28, "auto") == "shifted"  # 900/784 = 1.15
-    assert conv._method(np.zeros((1, 4, 7, 7)), w, 1, 1, 7, 7, "auto") == "im2col"  # 81/49 = 1.65
-    assert conv._method(np.zeros((1, 4, 28, 28)), w, 2, 1, 14, 14, "shifted") == "im2col"  # stride 2
-    assert conv._method(np.zeros((1, 4, 28, 28)), w[:, :, :1, :1], 1, 0, 28, 28, "shifted") == "pointwise"
+def test_auto_picks_winograd_then_the_shifted_gemm_then_im2col():
+    w = np.zeros((4, 8, 3, 3), np.float32)
+    x28, x7 = np.zeros((1, 8, 28, 28), np.float32), np.zeros((1, 8, 7, 7), np.float32)
+    assert conv._method(x28, w, 1, 1, 28, 28, "auto") == "winograd"
+    assert conv._method(x7, w, 1, 1, 7, 7, "auto") == "winograd"
+    assert conv._method(x28[:, :1], w[:, :1], 1, 1, 28, 28, "auto") == "shifted"  # 1 channel; 900/784 = 1.15
+    assert conv._method(x7[:, :1], w[:, :1], 1, 1, 7, 7, "auto") == "im2col"  # 81/49 = 1.65
+    assert conv._method(x28, w, 2, 1, 14, 14, "shifted") == "im2col"  # stride 2
+    assert conv._method(x28, w, 2, 1, 14, 14, "winograd") == "im2col"
+    assert conv._method(x28, w[:, :, :1, :1], 1, 0, 28, 28, "winograd") == "pointwise"
+
+
+@given(shape=conv_shapes(), with_bias=st.booleans(), seed=st.integers(0, 2**16))
+@example(shape=(2, 3, 9, 8, 4, 3, 3, 1, 1), with_bias=True, seed=0)  # odd Wo: a tile hangs over
+@example(shape=(1, 2, 3, 3, 3, 3, 3, 1, 0), with_bias=False, seed=0)  # one output pixel
+@example(shape=(3, 9, 7, 7, 5, 3, 3, 1, 1), with_bias=True, seed=1)  # several images per chunk
+def test_winograd_matches_reference_in_float32(shape, with_bias, seed):
+    """float32 Winograd against the float64 reference (3×3 stride 1; other convs fall back to im2col),
+    beside test_cpu_matches_reference's default shapes: more 3×3 kernels, offset inputs."""
+    x, w, b, dy = make_problem(shape, np.float32, seed, offset=1.5)
+    b = b if with_bias else None
+    stride, padding = shape[-2:]
+    y, saved = conv.conv2d_forward_cpu(x, w, b, stride, padding, "winograd")
+    as64 = [None if a is None else a.astype(np.float64) for a in (x, w, b, dy)]
+    np.testing.assert_allclose(y, conv.conv2d_forward_reference(*as64[:3], stride, padding), rtol=1e-4, atol=2e-4)
+    for name, got, want in zip(("dx", "dw", "db"), conv.conv2d_backward_cpu(saved, dy),
+                               conv.conv2d_backward_reference(as64[0], as64[1], as64[3], stride, padding)):
+        assert got.dtype == np.float32 and got.shape == want.shape and got.flags.c_contiguous, name
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-4, err_msg=name)
 
 
 # ---- the CUDA versions, in numba's simulator ---------------------------------------------------

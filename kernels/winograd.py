@@ -1,0 +1,133 @@
+"""Winograd F(2×2, 3×3) for the 3×3 stride-1 CPU conv2d (Lavin & Gray 2016, "Fast Algorithms for
+Convolutional Neural Networks"), NCHW, float32 (float64 too, for the gradchecks).
+
+A 2×2 output tile y of one channel pair is Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A for its 4×4 input patch d and
+3×3 filter g, with
+
+    Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]],   G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]],
+    Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]].
+
+Summed over input channels, the 16 elementwise products become 16 GEMMs M_ξ = U_ξ V_ξ with
+U_ξ[k, c] = (G g_kc Gᵀ)_ξ and V_ξ[c, t] = (Bᵀ d_ct B)_ξ over the tiles t: 16·K·C multiplies per tile of 4
+outputs instead of 36·K·C (2.25x fewer). V is 4x the input (im2col: 9x); chunks of images keep V and
+M in cache between the transforms (compiled numba loops) and the GEMMs. Backward-data is itself a
+3×3 stride-1 conv (of dy with the flipped, transposed filters), so it runs through the same code.
+"""
+import numpy as np
+from numba import njit
+
+# V and M of one chunk of images: about this many bytes, so they stay in L2/L3
+CHUNK_BYTES = 2 << 20
+_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]])
+
+
+def fits(w, stride, padding):
+    """Whether conv2d_forward_winograd takes this conv: 3×3, stride 1, padding ≤ 2."""
+    return w.shape[2:] == (3, 3) and stride == 1 and padding <= 2
+
+
+def filter_transform(w, dtype):
+    """U[4a + b, k, c] = (G g Gᵀ)[a, b] for g = w[k, c]: (16, K, C) in dtype (computed in float64)."""
+    u = np.einsum("ar,kcrs,bs->abkc", _G, w.astype(np.float64), _G)
+    return np.ascontiguousarray(u.reshape(16, w.shape[0], w.shape[1]), dtype=dtype)
+
+
+@njit(cache=True, fastmath=True)
+def _input_transform(xp, v, th, tw, m):
+    """v[ξ, c, t] = (Bᵀ d B)_ξ for the 4×4 patch d of tile t of the m images of xp (C, nb, Hq, Wq),
+    zero-padded. The inner loop runs along a row of tiles (16 contiguous output streams), so LLVM
+    vectorises it."""
+    for ci in range(xp.shape[0]):
+        for n in range(m):
+            for ti in range(th):
+                x0, x1, x2, x3 = xp[ci, n, 2 * ti], xp[ci, n, 2 * ti + 1], xp[ci, n, 2 * ti + 2], xp[ci, n, 2 * ti + 3]
+                base = (n * th + ti) * tw
+                for tj in range(tw):
+                    j = 2 * tj
+                    # Bᵀ d (rows of the patch) ...
+                    a0, a1, a2, a3 = x0[j] - x2[j], x0[j + 1] - x2[j + 1], x0[j + 2] - x2[j + 2], x0[j + 3] - x2[j + 3]
+                    b0, b1, b2, b3 = x1[j] + x2[j], x1[j + 1] + x2[j + 1], x1[j + 2] + x2[j + 2], x1[j + 3] + x2[j + 3]
+                    c0, c1, c2, c3 = x2[j] - x1[j], x2[j + 1] - x1[j + 1], x2[j + 2] - x1[j + 2], x2[j + 3] - x1[j + 3]
+                    d0, d1, d2, d3 = x1[j] - x3[j], x1[j + 1] - x3[j + 1], x1[j + 2] - x3[j + 2], x1[j + 3] - x3[j + 3]
+                    t = base + tj
+                    # ... times B (its columns)
+                    v[0, ci, t], v[1, ci, t], v[2, ci, t], v[3, ci, t] = a0 - a2, a1 + a2, a2 - a1, a1 - a3
+                    v[4, ci, t], v[5, ci, t], v[6, ci, t], v[7, ci, t] = b0 - b2, b1 + b2, b2 - b1, b1 - b3
+                    v[8, ci, t], v[9, ci, t], v[10, ci, t], v[11, ci, t] = c0 - c2, c1 + c2, c2 - c1, c1 - c3
+                    v[12, ci, t], v[13, ci, t], v[14, ci, t], v[15, ci, t] = d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+
+@njit(cache=True, fastmath=True)
+def _output_transform(mm, bias, y, n0, th, tw, m):
+    """y[n0 + n, k, 2ti + a, 2tj + b] = (Aᵀ M A)[a, b] + bias[k] for the tiles of mm (16, K, T), cropped
+    to y's (Ho, Wo) where Ho or Wo is odd."""
+    ho, wo = y.shape[2], y.shape[3]
+    for kk in range(mm.shape[1]):
+        bk = bias[kk]
+        for n in range(m):
+            for ti in range(th):
+                base = (n * th + ti) * tw
+                i = 2 * ti
+                two_rows = i + 1 < ho
+                y0 = y[n0 + n, kk, i]
+                y1 = y[n0 + n, kk, i + 1] if two_rows else y0
+                for tj in range(tw):
+                    t = base + tj
+                    # Aᵀ M (two rows) ...
+                    s00 = mm[0, kk, t] + mm[4, kk, t] + mm[8, kk, t]
+                    s01 = mm[1, kk, t] + mm[5, kk, t] + mm[9, kk, t]
+                    s02 = mm[2, kk, t] + mm[6, kk, t] + mm[10, kk, t]
+                    s03 = mm[3, kk, t] + mm[7, kk, t] + mm[11, kk, t]
+                    s10 = mm[4, kk, t] - mm[8, kk, t] - mm[12, kk, t]
+                    s11 = mm[5, kk, t] - mm[9, kk, t] - mm[13, kk, t]
+                    s12 = mm[6, kk, t] - mm[10, kk, t] - mm[14, kk, t]
+                    s13 = mm[7, kk, t] - mm[11, kk, t] - mm[15, kk, t]
+                    # ... times A (two columns), the second one only inside y
+                    j = 2 * tj
+                    y0[j] = s00 + s01 + s02 + bk
+                    if two_rows:
+                        y1[j] = s10 + s11 + s12 + bk
+                    if j + 1 < wo:
+                        y0[j + 1] = s01 - s02 - s03 + bk
+                        if two_rows:
+                            y1[j + 1] = s11 - s12 - s13 + bk
+
+
+def _planes(rows, cols, dtype):
+    """A (16, rows, cols) array whose 16 planes lie 256 B (mod 4 KiB) apart: the transforms touch all
+    16 planes at one tile, and planes a multiple of 4 KiB apart would all fall in one L1 set (measured:
+    123 ms instead of 18 ms for the 28×28 forward, 2 images per chunk)."""
+    size = np.dtype(dtype).itemsize
+    plane = (-(-rows * cols * size // 4096) * 4096 + 256) // size  # elements; bytes ≡ 256 (mod 4096)
+    flat = np.empty(16 * plane, dtype)
+    return np.lib.stride_tricks.as_strided(flat, (16, rows, cols), (size * plane, size * cols, size))
+
+
+def conv2d_forward_winograd(x, w, b, padding):
+    """y = conv2d(x, w) + b for a 3×3 stride-1 kernel, 0 ≤ padding ≤ 2 (see `fits`)."""
+    n, c, h, width = x.shape
+    k = w.shape[0]
+    dtype = np.result_type(x, w)
+    out_h, out_w = h + 2 * padding - 2, width + 2 * padding - 2
+    th, tw = (out_h + 1) // 2, (out_w + 1) // 2          # 2×2 tiles, the last row/column may hang over
+    nb = int(max(1, min(n, CHUNK_BYTES // (dtype.itemsize * 16 * (c + k) * th * tw))))  # images per chunk
+    u = filter_transform(w, dtype)
+    bias = np.zeros(k, dtype) if b is None else b.astype(dtype, copy=False)
+    y = np.empty((n, k, out_h, out_w), dtype)
+    xp = np.zeros((c, nb, 2 * th + 2, 2 * tw + 2), dtype)  # the border stays zero: the padding
+    v, mm = _planes(c, nb * th * tw, dtype), _planes(k, nb * th * tw, dtype)
+    for n0 in range(0, n, nb):
+        m = min(nb, n - n0)
+        tiles = m * th * tw
+        xp[:, :m, padding:padding + h, padding:padding + width] = x[n0:n0 + m].transpose(1, 0, 2, 3)
+        _input_transform(xp, v, th, tw, m)
+        np.matmul(u, v[:, :, :tiles], out=mm[:, :, :tiles])
+        _output_transform(mm, bias, y, n0, th, tw, m)
+    return y
+
+
+def conv2d_backward_data_winograd(w, dy, padding):
+    """dx of a 3×3 stride-1 conv: dy convolved with w flipped in (r, s) and transposed in (k, c),
+    padded by 2 − π (kernels/conv2d.py's module docstring has the identity)."""
+    w_back = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    return conv2d_forward_winograd(np.ascontiguousarray(dy), w_back, None, 2 - padding)
