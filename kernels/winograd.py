@@ -28,8 +28,8 @@ def fits(w, stride, padding):
 
 def filter_transform(w, dtype):
     """U[4a + b, k, c] = (G g Gᵀ)[a, b] for g = w[k, c]: (16, K, C) in dtype (computed in float64)."""
-    u = np.einsum("ar,kcrs,bs->abkc", _G, w.astype(np.float64), _G)
-    return np.ascontiguousarray(u.reshape(16, w.shape[0], w.shape[1]), dtype=dtype)
+    u = _G @ w.astype(np.float64) @ _G.T  # (K, C, 4, 4); a three-operand einsum took 10x longer
+    return np.ascontiguousarray(u.transpose(2, 3, 0, 1).reshape(16, w.shape[0], w.shape[1]), dtype=dtype)
 
 
 @njit(cache=True, fastmath=True)

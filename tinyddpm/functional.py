@@ -424,9 +424,15 @@ class UpsampleNearest2d(Function):
         return _xp(a).broadcast_to(a[:, :, :, None, :, None], (n, c, h, s, w, s)).reshape(n, c, h * s, w * s)
 
     def backward(self, g):
-        n, c, hs, ws = g.shape
+        # Σ over each s×s block as s² strided views added in place: a reduction over the block's two
+        # non-contiguous axes ran ~10x slower (63 ms of a 0.8 s training step)
         s = self.s
-        return (g.reshape(n, c, hs // s, s, ws // s, s).sum(axis=(3, 5)),)
+        out = g[:, :, ::s, ::s].copy()
+        for i in range(s):
+            for j in range(s):
+                if i or j:
+                    out += g[:, :, i::s, j::s]
+        return (out,)
 
 
 def max_pool2d(a, kernel_size=2): return MaxPool2d.apply(a, k=kernel_size)
