@@ -99,3 +99,14 @@ def test_to_cpu_and_numpy_round_trip():
     y = x.to("cpu")
     assert y.requires_grad and y.device == "cpu"
     np.testing.assert_array_equal(y.numpy(), a)
+
+
+def test_max_pool_sends_each_window_gradient_to_its_first_maximum_and_none_to_the_cropped_border():
+    x = td.Tensor(np.array([[[[1, 3, 3, 0, 9], [2, 3, 0, 0, 9], [5, 5, 1, 1, 9], [5, 0, 1, 1, 9], [9, 9, 9, 9, 9]]]],
+                        np.float32), requires_grad=True)
+    y = F.max_pool2d(x, 2)
+    np.testing.assert_array_equal(y.data, [[[[3, 3], [5, 1]]]])
+    (y * td.Tensor(np.array([[[[1, 2], [3, 4]]]], np.float32))).sum().backward()
+    want = np.zeros((5, 5), np.float32)
+    want[0, 1], want[0, 2], want[2, 0], want[2, 2] = 1, 2, 3, 4  # ties: the first in row-major order
+    np.testing.assert_array_equal(x.grad[0, 0], want)

@@ -393,17 +393,33 @@ def _unwindows(g, shape, k):
 
 
 class MaxPool2d(Function):
+    """y = max over each k×k window (floor, like torch); the gradient goes to the window's first maximum
+    (row-major). The k² window offsets are strided views of x, compared in place: no transposed copy
+    of x into windows (that copy and its inverse took ~55 ms of a 0.8 s training step)."""
+
     def forward(self, a, k):
-        win = _windows(a, k)
+        n, c, h, w = a.shape
+        ho, wo = h // k, w // k
         self.shape, self.k = a.shape, k
-        self.argmax = win.argmax(axis=-1)[..., None]  # the gradient goes to the first maximum
-        return _xp(a).take_along_axis(win, self.argmax, axis=-1)[..., 0]
+        offsets = [a[:, :, i:ho * k:k, j:wo * k:k] for i in range(k) for j in range(k)]
+        xp = _xp(a)
+        y = offsets[0].copy()
+        self.argmax = xp.zeros(y.shape, dtype=np.min_scalar_type(k * k - 1))
+        for index, view in enumerate(offsets[1:], start=1):
+            larger = view > y  # strictly: on a tie the earlier offset keeps the gradient
+            xp.copyto(y, view, where=larger)
+            self.argmax[larger] = index
+        return y
 
     def backward(self, g):
         xp = _xp(g)
-        win = xp.zeros(g.shape + (self.k * self.k,), dtype=g.dtype)
-        xp.put_along_axis(win, self.argmax, g[..., None], axis=-1)
-        return (_unwindows(win, self.shape, self.k),)
+        n, c, h, w = self.shape
+        k = self.k
+        dx = xp.zeros(self.shape, dtype=g.dtype)  # the cropped border (h % k, w % k) gets no gradient
+        for index in range(k * k):
+            i, j = divmod(index, k)
+            dx[:, :, i:g.shape[2] * k:k, j:g.shape[3] * k:k] = xp.where(self.argmax == index, g, 0)
+        return (dx,)
 
 
 class AvgPool2d(Function):
