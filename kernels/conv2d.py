@@ -19,8 +19,9 @@ its pixels) and padded by R − 1 − π, with the weights flipped in (r, s) and
     dx[n, c, h, v] = Σ_{k, r, s} w[k, c, r, s] · dy[n, k, (h + π − r)/σ, (v + π − s)/σ]
                      (terms whose index is not a whole number inside dy are zero)
 
-The versions (reference, cpu, cpu_im2col, cpu_shifted, cpu_winograd, cuda_v1, cuda_v2) are the rows of VERSIONS at the end of this file,
-each with its idea and its kernels ``conv2d_<pass>_v<N>``; ``python benchmarks/bench_kernels.py
+The versions (reference; cpu, the engine's per-layer choice among cpu_im2col, cpu_shifted and
+cpu_winograd; cuda_v1, cuda_v2) are the rows of VERSIONS at the end of this file, each with its idea
+(and the CUDA ones with their kernels ``conv2d_<pass>_v<N>``); ``python benchmarks/bench_kernels.py
 --list`` prints them with the command that runs each one alone.
 """
 import numpy as np

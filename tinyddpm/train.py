@@ -208,23 +208,29 @@ class Trainer:
 
     def evaluate_ema(self):
         """cFID and accuracy (tinyddpm.evaluation) of eval_n samples of the EMA model, balanced over the
-        digits, drawn as the grids are (DDIM, guidance 1, noise seeded by the step): the curve's second
-        panel. It reads no training RNG, so a run with evaluations trains exactly as one without."""
+        digits, drawn as the grids are (DDIM, guidance 1, noise seeded by the step), in batches of the
+        training batch size: the curve's second panel. It reads no training RNG, so a run with
+        evaluations trains exactly as one without."""
         from . import evaluation
         if self._judge is None:
             self._judge = evaluation.load_judge()
         self.ema.copy_to(self.ema_model)
         cfg = self.config
         labels = np.arange(cfg.eval_n) % 10 if cfg.conditional else None
-        with no_grad():
-            x = self.diffusion.sample(self.ema_model, self.ema_model.config.image_shape(cfg.eval_n), y=labels,
-                                      sampler="ddim", steps=cfg.sample_steps, guidance=1.0 if cfg.conditional else 0.0,
-                                      progress=False, rng=np.random.default_rng(cfg.seed + self.step))
-        images = data.from_model_range(_dev.to_numpy(x.data))[:, 0]
-        result = evaluation.evaluate(images, labels, *self._judge)
+        batches = []
+        for start in range(0, cfg.eval_n, cfg.batch_size):  # in training-sized batches: memory stays bounded
+            count = min(cfg.batch_size, cfg.eval_n - start)
+            with no_grad():
+                x = self.diffusion.sample(self.ema_model, self.ema_model.config.image_shape(count),
+                                          y=None if labels is None else labels[start:start + count], sampler="ddim",
+                                          steps=cfg.sample_steps, guidance=1.0 if cfg.conditional else 0.0,
+                                          progress=False, rng=np.random.default_rng([cfg.seed, self.step, start]))
+            batches.append(data.from_model_range(_dev.to_numpy(x.data))[:, 0])
+        result = evaluation.evaluate(np.concatenate(batches), labels, *self._judge)
         accuracy = np.nan if result.accuracy is None else result.accuracy
         self.evals.append((self.step, result.fid, accuracy))
-        self.log(f"step {self.step}: EMA model cFID {result.fid:.1f}, accuracy {100 * accuracy:.1f}% (n = {cfg.eval_n})")
+        shown = "no labels" if result.accuracy is None else f"accuracy {100 * accuracy:.1f}%"
+        self.log(f"step {self.step}: EMA model cFID {result.fid:.1f}, {shown} (n = {cfg.eval_n})")
 
     def sample_grid(self, path, n_per_class=8):
         """Samples (DDIM, guidance 1) of the EMA model (left) and of the raw model (right) from the same
