@@ -66,22 +66,24 @@ def sgemm_gflops(device, n=2048):
     else:
         xp = np
     a = xp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
-    seconds = median_time(lambda: timed(lambda: a @ a, device), 5)
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(os.cpu_count(), user_api="blas"):  # every core (tinyddpm keeps BLAS at one thread)
+        seconds = median_time(lambda: timed(lambda: a @ a, device), 5)
     return 2 * n ** 3 / seconds / 1e9
 
 
 def thread_settings():
-    """What decides CPU parallelism: the environment, BLAS (through threadpoolctl when installed), numba."""
+    """What decides CPU parallelism: the environment, tinyddpm's pool (kernels/cpu_threads.py), BLAS, numba."""
     import numba
+    from threadpoolctl import threadpool_info
+
+    from tinyddpm.kernels import cpu_threads
     env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                                       "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER") if k in os.environ}
-    parts = [f"env {env or 'unset'}", f"numba {numba.config.NUMBA_NUM_THREADS} threads "
-             f"(layer {numba.config.THREADING_LAYER})"]
-    try:
-        from threadpoolctl import threadpool_info
-        parts += [f"{p['internal_api']} {p['num_threads']} threads" for p in threadpool_info()]
-    except ImportError:
-        parts.append("BLAS threads: install threadpoolctl to see them")
+                                       "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "TINYDDPM_NUM_THREADS")
+           if k in os.environ}
+    parts = [f"env {env or 'unset'}", f"tinyddpm pool {cpu_threads.num_threads()} threads",
+             f"numba {numba.config.NUMBA_NUM_THREADS} threads (layer {numba.config.THREADING_LAYER}, unused: no prange)"]
+    parts += [f"{p['internal_api']} {p['num_threads']} threads" for p in threadpool_info()]
     return "; ".join(parts)
 
 

@@ -25,6 +25,7 @@ from numba import float32
 
 from ._bench import OpBench, Version, host64, saved_backward
 from ._cuda import ONE, ZERO, array_module, block_max, block_sum, ceil_div, cuda, device_function, kernel
+from .cpu_threads import parallel_map, task_slices
 
 
 def _default_scale(q, scale):
@@ -59,29 +60,42 @@ def attention_backward_reference(q, k, v, do, scale=None):
 # ---- CPU implementation ---------------------------------------------------------------------------
 def attention_forward_cpu(q, k, v, scale=None):
     """O = softmax(scale · Q Kᵀ) V with batched BLAS matmuls; the softmax runs in place on the scores.
-    Returns (O, saved), keeping P and O for the backward."""
+    Slices of the batch run on the pool of kernels/cpu_threads.py. Returns (O, saved), keeping P and O
+    for the backward."""
     scale = _default_scale(q, scale)
-    p = np.matmul(q, k.swapaxes(-1, -2))
-    p *= scale
-    p -= p.max(axis=-1, keepdims=True)
-    np.exp(p, out=p)
-    p /= p.sum(axis=-1, keepdims=True)
-    o = np.matmul(p, v)
+    dtype = np.result_type(q, k, v)
+    p = np.empty(q.shape[:-1] + k.shape[-2:-1], dtype)
+    o = np.empty(q.shape[:-1] + v.shape[-1:], dtype)
+
+    def run(part):
+        pp = np.matmul(q[part], k[part].swapaxes(-1, -2), out=p[part])
+        pp *= scale
+        pp -= pp.max(axis=-1, keepdims=True)
+        np.exp(pp, out=pp)
+        pp /= pp.sum(axis=-1, keepdims=True)
+        np.matmul(pp, v[part], out=o[part])
+    parallel_map(run, task_slices(len(q)))
     return o, {"q": q, "k": k, "v": v, "o": o, "p": p, "scale": scale}
 
 
 def attention_backward_cpu(saved, do):
     """dV = Pᵀ dO, dS = P∘(dO Vᵀ − D) with D = rowsum(dO∘O) (equal to rowsum(dP∘P), and (Lq, d) work
-    instead of (Lq, Lk)), dQ = scale·dS K, dK = scale·dSᵀ Q."""
+    instead of (Lq, Lk)), dQ = scale·dS K, dK = scale·dSᵀ Q; slices of the batch on the pool."""
     q, k, v, o, p, scale = (saved[name] for name in ("q", "k", "v", "o", "p", "scale"))
-    dv = np.matmul(p.swapaxes(-1, -2), do)
-    ds = np.matmul(do, v.swapaxes(-1, -2))  # dP, turned into dS in place
-    ds -= (do * o).sum(axis=-1, keepdims=True)
-    ds *= p
-    dq = np.matmul(ds, k)
-    dq *= scale
-    dk = np.matmul(ds.swapaxes(-1, -2), q)
-    dk *= scale
+    dtype = np.result_type(p, do)
+    dq, dk, dv = np.empty(q.shape, dtype), np.empty(k.shape, dtype), np.empty(v.shape, dtype)
+
+    def run(part):
+        pp, dop = p[part], do[part]
+        np.matmul(pp.swapaxes(-1, -2), dop, out=dv[part])
+        ds = np.matmul(dop, v[part].swapaxes(-1, -2))  # dP, turned into dS in place
+        ds -= (dop * o[part]).sum(axis=-1, keepdims=True)
+        ds *= pp
+        np.matmul(ds, k[part], out=dq[part])
+        dq[part] *= scale
+        np.matmul(ds.swapaxes(-1, -2), q[part], out=dk[part])
+        dk[part] *= scale
+    parallel_map(run, task_slices(len(q)))
     return dq, dk, dv
 
 

@@ -30,6 +30,7 @@ from numba import float32
 from ._bench import OpBench, Version, host64, saved_backward
 from ._cuda import (ZERO, array_module, block_sum, ceil_div, cuda, device_function, kernel, require_float32,
                     sum_columns, unravel)
+from .cpu_threads import parallel_map, task_slices
 from .im2col import col2im, im2col
 from .shifted_gemm import conv2d_backward_shifted, conv2d_forward_shifted, shifted_state
 from .winograd import conv2d_backward_data_winograd, conv2d_forward_winograd
@@ -150,10 +151,13 @@ def conv2d_forward_cpu(x, w, b, stride, padding, method="auto"):
     w_rows = w.reshape(k, -1)
     y = np.empty((n, k, out_h, out_w), np.result_type(x, w))
     if method == "pointwise":
-        cols = x.reshape(n, -1, h * width)
-        np.matmul(w_rows, cols, out=y.reshape(n, k, -1))  # (K, C) @ (N, C, HW): NCHW out, no copies
-        if b is not None:
-            y += b.reshape(k, 1, 1)
+        cols, y_rows = x.reshape(n, -1, h * width), y.reshape(n, k, -1)
+
+        def run(part):  # (K, C) @ (n, C, HW): NCHW out, no copies
+            np.matmul(w_rows, cols[part], out=y_rows[part])
+            if b is not None:
+                y_rows[part] += b.reshape(k, 1)
+        parallel_map(run, task_slices(n))
     else:
         cols = im2col(x, kh, kw, stride, padding, out_h, out_w)
         y_chwn = (w_rows @ cols).reshape(k, out_h, out_w, n)
@@ -177,9 +181,17 @@ def conv2d_backward_cpu(saved, dy):
     w_rows = w.reshape(k, -1)
     if saved["method"] == "pointwise":
         dy_rows = dy.reshape(n, k, -1)
-        # Σ_n dY_n X_nᵀ: the transposed x is a strided view that BLAS reads as it is.
-        dw = np.matmul(dy_rows, cols.transpose(0, 2, 1)).sum(axis=0)
-        dx = np.matmul(w_rows.T, dy_rows).reshape(x_shape)
+        dx = np.empty(cols.shape, np.result_type(w, dy))
+        tasks = task_slices(n)
+        dw_terms = np.empty((len(tasks), k, cols.shape[1]), dx.dtype)
+
+        def run(i):  # Σ_n dY_n X_nᵀ per slice of images: the transposed x is a strided view BLAS reads as it is
+            part = tasks[i]
+            np.matmul(dy_rows[part], cols[part].transpose(0, 2, 1)).sum(axis=0, out=dw_terms[i])
+            np.matmul(w_rows.T, dy_rows[part], out=dx[part])
+        parallel_map(run, range(len(tasks)))
+        dw = dw_terms.sum(axis=0)  # in slice order: the same bits for any thread count
+        dx = dx.reshape(x_shape)
         db = dy_rows.sum(axis=(0, 2))
     else:
         dy_rows = np.ascontiguousarray(dy.transpose(1, 2, 3, 0)).reshape(k, -1)  # (K, Ho·Wo·N)

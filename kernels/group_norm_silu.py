@@ -21,6 +21,7 @@ from ._cuda import HALF, ONE, ZERO, array_module, block_sum3, cuda, device_funct
 from .group_norm import (SHAPES, SIM_SHAPES, THREADS, affine_cpu, as_rows, case_args, elements, forward_outputs,
                          grad_rows, group_norm_backward_reference, group_norm_forward_reference, make_case,
                          norm_backward_cpu, normalise_cpu, row_channels, traffic_bytes, welford_stats)
+from .cpu_threads import parallel_map, task_slices
 from .vector_math import sigmoid32
 
 
@@ -55,8 +56,10 @@ def group_norm_silu_forward_cpu(x, num_groups, weight, bias, emb=None, eps=1e-5)
     y = np.empty(rows.shape, np.float32)
     mean, rstd = np.empty((n, num_groups), np.float32), np.empty((n, num_groups), np.float32)
     emb_rows = np.zeros((1, 1), np.float32) if emb is None else np.ascontiguousarray(emb, np.float32).reshape(n, c)
-    _fused_forward_rows(rows, weight.astype(np.float32, copy=False), bias.astype(np.float32, copy=False),
-                        emb_rows, emb is not None, np.float32(eps), y, mean, rstd)
+    weight32, bias32, has_emb = weight.astype(np.float32, copy=False), bias.astype(np.float32, copy=False), emb is not None
+    parallel_map(lambda part: _fused_forward_rows(
+        rows[part], weight32, bias32, emb_rows[part] if has_emb else emb_rows, has_emb, np.float32(eps), y[part],
+        mean[part], rstd[part]), task_slices(n))
     saved = {"x": rows, "mean": mean, "rstd": rstd, "weight": weight, "bias": bias, "shape": x.shape,
              "has_emb": emb is not None}
     return y.reshape(x.shape), saved
@@ -70,9 +73,11 @@ def group_norm_silu_backward_cpu(saved, dy):
     n, c = saved["shape"][:2]
     dx = np.empty(rows.shape, np.float32)
     dweight_part, dbias_part, demb = (np.empty((n, c), np.float32) for _ in range(3))
-    _fused_backward_rows(rows, np.ascontiguousarray(dy, np.float32).reshape(rows.shape),
-                         saved["weight"].astype(np.float32, copy=False), saved["bias"].astype(np.float32, copy=False),
-                         saved["mean"], saved["rstd"], dx, dweight_part, dbias_part, demb)
+    dy_rows = np.ascontiguousarray(dy, np.float32).reshape(rows.shape)
+    weight32, bias32 = saved["weight"].astype(np.float32, copy=False), saved["bias"].astype(np.float32, copy=False)
+    parallel_map(lambda part: _fused_backward_rows(
+        rows[part], dy_rows[part], weight32, bias32, saved["mean"][part], saved["rstd"][part], dx[part],
+        dweight_part[part], dbias_part[part], demb[part]), task_slices(n))
     return (dx.reshape(saved["shape"]), dweight_part.sum(axis=0), dbias_part.sum(axis=0),
             demb if saved["has_emb"] else None)
 
@@ -80,9 +85,9 @@ def group_norm_silu_backward_cpu(saved, dy):
 # One row of M = (C/G)·S contiguous floats (NCHW) is a few tens of KB: after its first read it is
 # served from L1/L2, so these passes cost about one DRAM read of x (and dy) and one write of y (dx),
 # where the NumPy version makes a dozen full-size passes and temporaries. saved is x itself (no copy),
-# μ and rstd. Single-threaded: parallel rows (prange) gained nothing at these sizes on 2 cores and
-# lost badly when the cores were busy; sigmoid32 keeps the exp vectorised (kernels/vector_math.py).
-@njit(fastmath=True, error_model="numpy", cache=True)
+# μ and rstd. Slices of samples run on the thread pool (numba's prange lost badly when the cores were
+# busy, beside multithreaded BLAS); sigmoid32 keeps the exp vectorised (kernels/vector_math.py).
+@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _fused_forward_rows(x, weight, bias, emb, has_emb, eps, y, mean, rstd):
     """Per (n, g) row of x (N, G, Cg, S): two-pass μ and σ², then y = a·σ(a) + emb[n, c] at
     a = x·(γ_c·rstd) + (β_c − μ·γ_c·rstd); μ and rstd (N, G) are written for the backward."""
@@ -114,7 +119,7 @@ def _fused_forward_rows(x, weight, bias, emb, has_emb, eps, y, mean, rstd):
                     yc[j] = a * sigmoid32(a) + e
 
 
-@njit(fastmath=True, error_model="numpy", cache=True)
+@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _fused_backward_rows(x, dy, weight, bias, mean, rstd, dx, dweight_part, dbias_part, demb):
     """Per (n, g) row, two passes: (1) a and σ(a) recomputed, da = dy·σ(a)(1 + a(1 − σ(a))) kept in dx,
     the channel sums Σ da·x̂ (→ dγ), Σ da (→ dβ) and Σ dy (→ demb) into (N, C) partials; (2) the GroupNorm

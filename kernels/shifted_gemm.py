@@ -17,11 +17,13 @@ at the padded positions too: Hp·Wp/(Ho·Wo) of the work (1.15× at 28×28, 1.65
 import numpy as np
 from numba import njit
 
+from .cpu_threads import parallel_map, task_slices
+
 # Bytes of GEMM output per chunk of images: small enough to stay in L2/L3 until the loop reading it.
 CHUNK_BYTES = 1 << 20
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _shifted_columns(x, padding, kw, xs):
     """xs[q, s·C + c] = X[q + s, c]: x (N, C, H, W) zero-padded, channels-last, S shifts side by side.
     Written row by row in full (zeros included), so no separate zeroing pass; a shift that runs past
@@ -40,7 +42,7 @@ def _shifted_columns(x, padding, kw, xs):
                         xs[q, s * c + ci] = x[b, ci, hi, vj] if inside else 0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sum_row_shifts(z, bias, hp, wp, y):
     """y[n, k, i, j] = bias[k] + Σ_r z[p + r·Wp, r·K + k] at p = (n·Hp + i)·Wp + j. One output row at a
     time is summed channels-last in a small buffer (contiguous reads of z), then written transposed."""
@@ -61,7 +63,7 @@ def _sum_row_shifts(z, bias, hp, wp, y):
                     y[b, ki, i, j] = row[j, ki]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _spread_row_shifts(dy, kh, hp, wp, dz):
     """dz[p + r·Wp, r·K + k] = dy[n, k, i, j] (p as in _sum_row_shifts), every other entry 0: the
     adjoint of the epilogue's sum, written row by row in full."""
@@ -80,7 +82,7 @@ def _spread_row_shifts(dy, kh, hp, wp, dz):
                             dz[q, r * k + ki] = 0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _gather_column_shifts(dxs, padding, kw, dx):
     """dx[n, c, h, v] = Σ_s dxs[q − s, s·C + c] at q = (n·Hp + h + π)·Wp + v + π: the adjoint of
     _shifted_columns (rows before the first have no entries)."""
@@ -107,7 +109,8 @@ def _chunks(n, rows_per_image, row_bytes):
 
 def conv2d_forward_shifted(x, w, b, padding, out_h, out_w):
     """y = Σ_r shift_r(X_S W_cat) + b, stride 1 -> (y, saved). X_S lives one chunk at a time (the
-    backward rebuilds it from x, cheaper than keeping it: see the README), so saved is x itself."""
+    backward rebuilds it from x, cheaper than keeping it: see the README), so saved is x itself.
+    Chunks run on the pool of kernels/cpu_threads.py, each task with buffers of its own."""
     n, c, h, width = x.shape
     k, _, kh, kw = w.shape
     rows = (h + 2 * padding) * (width + 2 * padding)
@@ -117,13 +120,17 @@ def conv2d_forward_shifted(x, w, b, padding, out_h, out_w):
     bias = np.zeros(k, dtype) if b is None else b.astype(dtype, copy=False)
     y = np.empty((n, k, out_h, out_w), dtype)
     chunks = _chunks(n, rows, np.dtype(dtype).itemsize * max(kh * k, kw * c))
-    most = max(b1 - b0 for b0, b1 in chunks)
-    xs, z = np.empty((most * rows, kw * c), dtype), np.empty((most * rows, kh * k), dtype)  # chunk buffers
-    for b0, b1 in chunks:
-        xs_chunk, z_chunk = xs[:(b1 - b0) * rows], z[:(b1 - b0) * rows]
-        _shifted_columns(x[b0:b1], padding, kw, xs_chunk)
-        np.matmul(xs_chunk, w_cat, out=z_chunk)
-        _sum_row_shifts(z_chunk, bias, h + 2 * padding, width + 2 * padding, y[b0:b1])
+
+    def run(task):
+        mine = chunks[task]
+        most = max(b1 - b0 for b0, b1 in mine)
+        xs, z = np.empty((most * rows, kw * c), dtype), np.empty((most * rows, kh * k), dtype)
+        for b0, b1 in mine:
+            xs_chunk, z_chunk = xs[:(b1 - b0) * rows], z[:(b1 - b0) * rows]
+            _shifted_columns(x[b0:b1], padding, kw, xs_chunk)
+            np.matmul(xs_chunk, w_cat, out=z_chunk)
+            _sum_row_shifts(z_chunk, bias, h + 2 * padding, width + 2 * padding, y[b0:b1])
+    parallel_map(run, task_slices(len(chunks)))
     return y, saved
 
 
@@ -136,23 +143,31 @@ def shifted_state(x, w, padding):
 
 def conv2d_backward_shifted(saved, dy, need_dx=True):
     """(dx or None, dw, db) of conv2d_forward_shifted: per chunk of images X_S is rebuilt, then
-    dW_cat += X_Sᵀ dZ and dX_S = dZ W_catᵀ (one GEMM each)."""
+    dW_cat += X_Sᵀ dZ and dX_S = dZ W_catᵀ (one GEMM each). Chunks run on the pool; their dW_cat terms
+    are added in chunk order afterwards, so the sum does not depend on the threads."""
     x, w_cat, (k, c, kh, kw), padding = saved["x"], saved["w_cat"], saved["w_shape"], saved["padding"]
     n, _, h, width = x.shape
     hp, wp = h + 2 * padding, width + 2 * padding
     rows, dtype = hp * wp, w_cat.dtype
     chunks = _chunks(n, rows, dtype.itemsize * max(kh * k, kw * c))
-    most = max(b1 - b0 for b0, b1 in chunks)
-    xs, dz, dxs = (np.empty((most * rows, cols), dtype) for cols in (kw * c, kh * k, kw * c))  # chunk buffers
-    dw_cat = np.zeros(w_cat.shape, dtype)
     dx = np.empty(x.shape, dtype) if need_dx else None
-    for b0, b1 in chunks:
-        xs_chunk, dz_chunk, dxs_chunk = xs[:(b1 - b0) * rows], dz[:(b1 - b0) * rows], dxs[:(b1 - b0) * rows]
-        _shifted_columns(x[b0:b1], padding, kw, xs_chunk)
-        _spread_row_shifts(dy[b0:b1], kh, hp, wp, dz_chunk)
-        dw_cat += xs_chunk.T @ dz_chunk
-        if need_dx:
-            np.matmul(dz_chunk, w_cat.T, out=dxs_chunk)
-            _gather_column_shifts(dxs_chunk, padding, kw, dx[b0:b1])
+    dw_terms = np.empty((len(chunks),) + w_cat.shape, dtype)
+
+    def run(task):
+        mine = chunks[task]
+        most = max(b1 - b0 for b0, b1 in mine)
+        xs, dz, dxs = (np.empty((most * rows, cols), dtype) for cols in (kw * c, kh * k, kw * c))
+        for i, (b0, b1) in enumerate(mine, start=task.start):
+            xs_chunk, dz_chunk, dxs_chunk = xs[:(b1 - b0) * rows], dz[:(b1 - b0) * rows], dxs[:(b1 - b0) * rows]
+            _shifted_columns(x[b0:b1], padding, kw, xs_chunk)
+            _spread_row_shifts(dy[b0:b1], kh, hp, wp, dz_chunk)
+            np.matmul(xs_chunk.T, dz_chunk, out=dw_terms[i])
+            if need_dx:
+                np.matmul(dz_chunk, w_cat.T, out=dxs_chunk)
+                _gather_column_shifts(dxs_chunk, padding, kw, dx[b0:b1])
+    parallel_map(run, task_slices(len(chunks)))
+    dw_cat = np.zeros(w_cat.shape, dtype)
+    for term in dw_terms:  # in chunk order, as a serial loop would
+        dw_cat += term
     dw = dw_cat.reshape(kw, c, kh, k).transpose(3, 1, 2, 0)
     return dx, np.ascontiguousarray(dw), dy.sum(axis=(0, 2, 3))

@@ -16,6 +16,8 @@ M in cache between the transforms (compiled numba loops) and the GEMMs. Backward
 import numpy as np
 from numba import njit
 
+from .cpu_threads import parallel_map, task_slices
+
 # V and M of one chunk of images: about this many bytes, so they stay in L2/L3
 CHUNK_BYTES = 2 << 20
 _G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]])
@@ -32,7 +34,7 @@ def filter_transform(w, dtype):
     return np.ascontiguousarray(u.transpose(2, 3, 0, 1).reshape(16, w.shape[0], w.shape[1]), dtype=dtype)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, nogil=True)
 def _input_transform(xp, v, th, tw, m):
     """v[ξ, c, t] = (Bᵀ d B)_ξ for the 4×4 patch d of tile t of the m images of xp (C, nb, Hq, Wq),
     zero-padded. The inner loop runs along a row of tiles (16 contiguous output streams), so LLVM
@@ -57,7 +59,7 @@ def _input_transform(xp, v, th, tw, m):
                     v[12, ci, t], v[13, ci, t], v[14, ci, t], v[15, ci, t] = d0 - d2, d1 + d2, d2 - d1, d1 - d3
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, nogil=True)
 def _output_transform(mm, bias, y, n0, th, tw, m):
     """y[n0 + n, k, 2ti + a, 2tj + b] = (Aᵀ M A)[a, b] + bias[k] for the tiles of mm (16, K, T), cropped
     to y's (Ho, Wo) where Ho or Wo is odd."""
@@ -104,7 +106,8 @@ def _planes(rows, cols, dtype):
 
 
 def conv2d_forward_winograd(x, w, b, padding):
-    """y = conv2d(x, w) + b for a 3×3 stride-1 kernel, 0 ≤ padding ≤ 2 (see `fits`)."""
+    """y = conv2d(x, w) + b for a 3×3 stride-1 kernel, 0 ≤ padding ≤ 2 (see `fits`). Chunks of images
+    run on the pool of kernels/cpu_threads.py, each task with buffers of its own."""
     n, c, h, width = x.shape
     k = w.shape[0]
     dtype = np.result_type(x, w)
@@ -114,15 +117,19 @@ def conv2d_forward_winograd(x, w, b, padding):
     u = filter_transform(w, dtype)
     bias = np.zeros(k, dtype) if b is None else b.astype(dtype, copy=False)
     y = np.empty((n, k, out_h, out_w), dtype)
-    xp = np.zeros((c, nb, 2 * th + 2, 2 * tw + 2), dtype)  # the border stays zero: the padding
-    v, mm = _planes(c, nb * th * tw, dtype), _planes(k, nb * th * tw, dtype)
-    for n0 in range(0, n, nb):
-        m = min(nb, n - n0)
-        tiles = m * th * tw
-        xp[:, :m, padding:padding + h, padding:padding + width] = x[n0:n0 + m].transpose(1, 0, 2, 3)
-        _input_transform(xp, v, th, tw, m)
-        np.matmul(u, v[:, :, :tiles], out=mm[:, :, :tiles])
-        _output_transform(mm, bias, y, n0, th, tw, m)
+    starts = range(0, n, nb)
+
+    def run(task):
+        xp = np.zeros((c, nb, 2 * th + 2, 2 * tw + 2), dtype)  # the border stays zero: the padding
+        v, mm = _planes(c, nb * th * tw, dtype), _planes(k, nb * th * tw, dtype)
+        for n0 in starts[task]:
+            m = min(nb, n - n0)
+            tiles = m * th * tw
+            xp[:, :m, padding:padding + h, padding:padding + width] = x[n0:n0 + m].transpose(1, 0, 2, 3)
+            _input_transform(xp, v, th, tw, m)
+            np.matmul(u, v[:, :, :tiles], out=mm[:, :, :tiles])
+            _output_transform(mm, bias, y, n0, th, tw, m)
+    parallel_map(run, task_slices(len(starts)))
     return y
 
 

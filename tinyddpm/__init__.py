@@ -1,5 +1,6 @@
 """tinyddpm: a minimal, from-scratch denoising diffusion library (see README.md for the file map)."""
 from . import functional, random
+from .kernels import cpu_threads  # noqa: F401  (BLAS single-threaded, the kernels' thread pool)
 from .device import DeviceError, get_device, set_device
 from .tensor import Tensor, is_grad_enabled, no_grad
 

@@ -32,14 +32,16 @@ def is_grad_enabled():
 class Function:
     """One differentiable op. Subclasses define ``forward(self, *arrays, **params) -> array`` and
     ``backward(self, grad) -> tuple`` (one gradient or None per tensor input), storing in ``self``
-    whatever backward needs."""
+    whatever backward needs; ``self.recorded`` says whether backward can be called at all (forward may
+    skip what only backward reads, e.g. under no_grad)."""
 
     @classmethod
     def apply(cls, *inputs, **params):
         fn = cls()
         fn.needs_grad = tuple(t is not None and t.requires_grad for t in inputs)
+        fn.recorded = _grad_enabled and any(fn.needs_grad)
         out = Tensor(fn.forward(*(None if t is None else t.data for t in inputs), **params))
-        if _grad_enabled and any(fn.needs_grad):
+        if fn.recorded:
             out.requires_grad = True
             out._fn, out._parents = fn, inputs
         return out

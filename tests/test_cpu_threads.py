@@ -1,0 +1,93 @@
+"""The CPU kernels' thread pool (kernels/cpu_threads.py): same bits for any thread count, BLAS kept at
+one thread, nested maps that do not wait on themselves, one clear error for a bad thread count."""
+import threading
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info
+
+import tinyddpm  # noqa: F401  (importing it is what limits BLAS)
+from tinyddpm.kernels import cpu_threads, shifted_gemm, winograd
+from tinyddpm.kernels.attention import attention_backward_cpu, attention_forward_cpu
+from tinyddpm.kernels.conv2d import conv2d_backward_cpu, conv2d_forward_cpu
+from tinyddpm.kernels.group_norm_silu import group_norm_silu_backward_cpu, group_norm_silu_forward_cpu
+
+
+def _conv(method, cin, ksize, rng):
+    x = rng.standard_normal((7, cin, 9, 11)).astype(np.float32) + 0.5
+    w = rng.standard_normal((5, cin, ksize, ksize)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    y, saved = conv2d_forward_cpu(x, w, b, 1, ksize // 2, method=method)
+    assert saved["method"] == ("pointwise" if ksize == 1 else method)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    return (y, *conv2d_backward_cpu(saved, dy))
+
+
+def _group_norm_silu(rng):
+    x = rng.standard_normal((9, 12, 5, 3)).astype(np.float32) + 2.0
+    weight, bias = rng.standard_normal(12).astype(np.float32), rng.standard_normal(12).astype(np.float32)
+    emb = rng.standard_normal((9, 12)).astype(np.float32)
+    y, saved = group_norm_silu_forward_cpu(x, 4, weight, bias, emb)
+    return (y, *group_norm_silu_backward_cpu(saved, rng.standard_normal(y.shape).astype(np.float32)))
+
+
+def _attention(rng):
+    q, k, v = (rng.standard_normal((11, 3, 7, 4)).astype(np.float32) for _ in range(3))
+    o, saved = attention_forward_cpu(q, k, v)
+    return (o, *attention_backward_cpu(saved, rng.standard_normal(o.shape).astype(np.float32)))
+
+
+CASES = {
+    "conv2d winograd": lambda rng: _conv("winograd", 8, 3, rng),
+    "conv2d shifted": lambda rng: _conv("shifted", 3, 3, rng),
+    "conv2d pointwise": lambda rng: _conv("auto", 6, 1, rng),
+    "group_norm_silu": _group_norm_silu,
+    "attention": _attention,
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_results_are_the_same_bits_for_one_thread_and_for_the_pool(name, monkeypatch):
+    """Each task writes its own part and partial sums are added in task order, so neither the thread
+    count nor which thread ran which task can move a bit (the run stays repeatable on any machine)."""
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", 1)      # one image per chunk: several tasks even at N = 7
+    monkeypatch.setattr(shifted_gemm, "CHUNK_BYTES", 1)
+    monkeypatch.setenv("TINYDDPM_NUM_THREADS", "2")
+    pooled = CASES[name](np.random.default_rng(3))
+    monkeypatch.setenv("TINYDDPM_NUM_THREADS", "1")
+    serial = CASES[name](np.random.default_rng(3))
+    for a, b in zip(pooled, serial):
+        if a is not None:
+            np.testing.assert_array_equal(a, b)
+
+
+def test_blas_runs_single_threaded_once_tinyddpm_is_imported():
+    blas = [lib for lib in threadpool_info() if lib["user_api"] == "blas"]
+    assert blas and all(lib["num_threads"] == 1 for lib in blas)
+
+
+def test_parallel_map_keeps_order_and_a_nested_map_runs_inline(monkeypatch):
+    monkeypatch.setenv("TINYDDPM_NUM_THREADS", "2")
+    outer_threads = []
+
+    def outer(i):
+        outer_threads.append(threading.current_thread().name)
+        return cpu_threads.parallel_map(lambda j: 10 * i + j, range(3))  # from a pool thread: inline, no deadlock
+    assert cpu_threads.parallel_map(outer, range(5)) == [[10 * i + j for j in range(3)] for i in range(5)]
+    assert all(name.startswith("tinyddpm") for name in outer_threads)
+
+
+@pytest.mark.parametrize("count", [0, 1, 5, 8, 9, 64, 1000])
+def test_task_slices_cut_the_range_exactly_into_at_most_tasks_pieces(count):
+    slices = cpu_threads.task_slices(count)
+    covered = [i for part in slices for i in range(count)[part]]
+    assert covered == list(range(count))
+    assert 1 <= len(slices) <= cpu_threads.TASKS
+    assert all(part.stop > part.start for part in slices) or count == 0
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
+def test_a_bad_thread_count_is_one_clear_error(value, monkeypatch):
+    monkeypatch.setenv("TINYDDPM_NUM_THREADS", value)
+    with pytest.raises(ValueError, match="TINYDDPM_NUM_THREADS"):
+        cpu_threads.num_threads()
