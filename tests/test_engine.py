@@ -110,3 +110,20 @@ def test_max_pool_sends_each_window_gradient_to_its_first_maximum_and_none_to_th
     want = np.zeros((5, 5), np.float32)
     want[0, 1], want[0, 2], want[2, 0], want[2, 2] = 1, 2, 3, 4  # ties: the first in row-major order
     np.testing.assert_array_equal(x.grad[0, 0], want)
+
+
+def test_max_pool_under_no_grad_equals_the_recorded_forward_and_a_numpy_reference():
+    """Under no_grad max-pool skips the argmax bookkeeping: its values must not change."""
+    x = np.random.default_rng(4).standard_normal((3, 2, 7, 9)).astype(np.float32)
+    recorded = F.max_pool2d(td.Tensor(x, requires_grad=True), 2).data
+    with td.no_grad():
+        plain = F.max_pool2d(td.Tensor(x, requires_grad=True), 2).data
+    reference = x[:, :, :6, :8].reshape(3, 2, 3, 2, 4, 2).max(axis=(3, 5))
+    np.testing.assert_array_equal(plain, recorded)
+    np.testing.assert_array_equal(plain, reference)
+
+
+def test_nearest_upsample_repeats_each_pixel_into_an_s_by_s_block():
+    x = np.random.default_rng(5).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    y = F.upsample_nearest2d(td.Tensor(x), 3).data
+    np.testing.assert_array_equal(y, x.repeat(3, axis=2).repeat(3, axis=3))
