@@ -114,7 +114,9 @@ def test_pad(shape, widths, seed):
 
 @given(dims, dims, st.integers(2, 7), st.integers(2, 7), seeds)
 def test_pooling_and_upsampling(n, c, h, w, seed):
-    x = np.random.default_rng(seed).permutation(n * c * h * w).reshape(n, c, h, w) * 0.1  # no ties
+    # no ties, and values in [0, 1) (not up to n·c·h·w/10): the central difference's rounding error grows
+    # with the objective's size, and at 0.1·index it exceeded atol at a gradient near 0 (1 case in 180)
+    x = np.random.default_rng(seed).permutation(n * c * h * w).reshape(n, c, h, w) / (n * c * h * w)
     gradcheck(lambda a: F.max_pool2d(a, 2), x, seed=seed)
     gradcheck(lambda a: F.avg_pool2d(a, 2), x, seed=seed)
     gradcheck(lambda a: F.upsample_nearest2d(a, 2), x, seed=seed)
