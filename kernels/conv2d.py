@@ -33,7 +33,7 @@ from ._cuda import (ZERO, array_module, block_sum, ceil_div, cuda, device_functi
 from .cpu_threads import parallel_map, task_slices
 from .im2col import col2im, im2col
 from .shifted_gemm import conv2d_backward_shifted, conv2d_forward_shifted, shifted_state
-from .winograd import conv2d_backward_data_winograd, conv2d_forward_winograd
+from .winograd import conv2d_backward_data_winograd, conv2d_backward_weight_winograd, conv2d_forward_winograd
 from .winograd import fits as winograd_fits
 
 
@@ -107,8 +107,8 @@ def conv2d_backward_reference(x, w, dy, stride=1, padding=0):
 # - im2col (kernels/im2col.py): batch-innermost ("CHWN") columns, so each pass is one large GEMM;
 # - the shifted GEMM (kernels/shifted_gemm.py): stride 1, a third of im2col's data for 3×3, but the
 #   padded border is computed too;
-# - Winograd F(2×2, 3×3) (kernels/winograd.py): 3×3 stride 1, 2.25x fewer multiplies, for the forward
-#   and backward-data; its dW is the shifted GEMM's.
+# - Winograd F(2×2, 3×3) (kernels/winograd.py): 3×3 stride 1, 2.25x fewer multiplies, for the forward,
+#   backward-data and backward-weight.
 # A 3×3 stride-1 conv with at least WINOGRAD_MIN_CHANNELS input channels takes Winograd (it won
 # at every U-Net shape but the first conv, C = 1, whose tiny GEMMs cannot pay for the transforms);
 # otherwise a stride-1 conv takes the shifted GEMM where its padded border adds at most
@@ -142,7 +142,7 @@ def conv2d_forward_cpu(x, w, b, stride, padding, method="auto"):
     out_h, out_w = _check_args(x, w, b, stride, padding)
     method = _method(x, w, stride, padding, out_h, out_w, method)
     if method == "winograd":
-        return conv2d_forward_winograd(x, w, b, padding), dict(shifted_state(x, w, padding), w=w, method=method)
+        return conv2d_forward_winograd(x, w, b, padding), {"method": method, "x": x, "w": w, "padding": padding}
     if method == "shifted":
         y, saved = conv2d_forward_shifted(x, w, b, padding, out_h, out_w)
         return y, dict(saved, method=method)
@@ -167,36 +167,41 @@ def conv2d_forward_cpu(x, w, b, stride, padding, method="auto"):
     return y, saved
 
 
-def conv2d_backward_cpu(saved, dy):
+def conv2d_backward_cpu(saved, dy, need_dx=True):
     """(dx, dw, db) of conv2d_forward_cpu: dW = dY X̂ᵀ and dX̂ = Wᵀ dY (one GEMM each), dx = col2im(dX̂),
-    db = Σ dy (shifted: conv2d_backward_shifted; Winograd: dx by Winograd, dW by the shifted GEMM)."""
+    db = Σ dy (shifted: conv2d_backward_shifted; Winograd: kernels/winograd.py's dx and dW). With
+    need_dx=False (x needs no gradient: the U-Net's first conv) dx is None and not computed."""
     if saved["method"] == "shifted":
-        return conv2d_backward_shifted(saved, dy)
+        return conv2d_backward_shifted(saved, dy, need_dx)
     if saved["method"] == "winograd":
-        _, dw, db = conv2d_backward_shifted(saved, dy, need_dx=False)
-        return conv2d_backward_data_winograd(saved["w"], dy, saved["padding"]), dw, db
+        x, w, padding = saved["x"], saved["w"], saved["padding"]
+        dx = conv2d_backward_data_winograd(w, dy, padding) if need_dx else None
+        return dx, conv2d_backward_weight_winograd(x, dy, padding), dy.sum(axis=(0, 2, 3))
     cols, w, x_shape = saved["cols"], saved["w"], saved["x_shape"]
     k, _, kh, kw = w.shape
     n, _, out_h, out_w = dy.shape
     w_rows = w.reshape(k, -1)
     if saved["method"] == "pointwise":
         dy_rows = dy.reshape(n, k, -1)
-        dx = np.empty(cols.shape, np.result_type(w, dy))
+        dtype = np.result_type(w, dy)
+        dx = np.empty(cols.shape, dtype) if need_dx else None
         tasks = task_slices(n)
-        dw_terms = np.empty((len(tasks), k, cols.shape[1]), dx.dtype)
+        dw_terms = np.empty((len(tasks), k, cols.shape[1]), dtype)
 
         def run(i):  # Σ_n dY_n X_nᵀ per slice of images: the transposed x is a strided view BLAS reads as it is
             part = tasks[i]
             np.matmul(dy_rows[part], cols[part].transpose(0, 2, 1)).sum(axis=0, out=dw_terms[i])
-            np.matmul(w_rows.T, dy_rows[part], out=dx[part])
+            if need_dx:
+                np.matmul(w_rows.T, dy_rows[part], out=dx[part])
         parallel_map(run, range(len(tasks)))
         dw = dw_terms.sum(axis=0)  # in slice order: the same bits for any thread count
-        dx = dx.reshape(x_shape)
+        dx = dx.reshape(x_shape) if need_dx else None
         db = dy_rows.sum(axis=(0, 2))
     else:
         dy_rows = np.ascontiguousarray(dy.transpose(1, 2, 3, 0)).reshape(k, -1)  # (K, Ho·Wo·N)
         dw = dy_rows @ cols.T
-        dx = col2im(w_rows.T @ dy_rows, x_shape, kh, kw, saved["stride"], saved["padding"], out_h, out_w)
+        dx = col2im(w_rows.T @ dy_rows, x_shape, kh, kw, saved["stride"], saved["padding"], out_h, out_w) \
+            if need_dx else None
         db = dy_rows.sum(axis=1)
     return dx, dw.reshape(w.shape), db
 
@@ -479,8 +484,9 @@ def _weight_grad_v2(x, dy, w_shape, stride, padding):
     return sum_columns(dw_part.reshape(splits, -1)).reshape(w_shape)
 
 
-def conv2d_backward_cuda(saved, dy, version=None):
-    """(dx, dw, db) of conv2d_forward_cuda, by the version of the forward unless `version` is given."""
+def conv2d_backward_cuda(saved, dy, need_dx=True, version=None):
+    """(dx, dw, db) of conv2d_forward_cuda, by the version of the forward unless `version` is given;
+    dx is None and not computed with need_dx=False."""
     x, w, stride, padding = saved["x"], saved["w"], saved["stride"], saved["padding"]
     version = saved["version"] if version is None else version
     _check_version(version)
@@ -489,16 +495,18 @@ def conv2d_backward_cuda(saved, dy, version=None):
         raise ValueError(f"conv2d backward: dy {dy.shape} must be the output shape {out_shape}")
     require_float32("conv2d", dy=dy)
     xp = array_module(x)
-    dx = xp.empty(x.shape, np.float32)
+    dx = xp.empty(x.shape, np.float32) if need_dx else None
     data_args = (dy, w, np.int32(stride), np.int32(padding), dx)
     threads = _reduction_threads(dy.shape[0] * dy.shape[2] * dy.shape[3])  # per dw (v1) and db element
     if version == 1:
-        conv2d_backward_data_v1[ceil_div(dx.size, THREADS), THREADS](*data_args)
+        if need_dx:
+            conv2d_backward_data_v1[ceil_div(dx.size, THREADS), THREADS](*data_args)
         dw = xp.empty(w.shape, np.float32)
         conv2d_backward_weight_v1[w.size, threads](x, dy, np.int32(stride), np.int32(padding), dw)
     else:
-        pixels = x.shape[0] * x.shape[2] * x.shape[3]
-        conv2d_backward_data_v2[(ceil_div(pixels, TILE), ceil_div(x.shape[1], TILE)), (TILE, TILE)](*data_args)
+        if need_dx:
+            pixels = x.shape[0] * x.shape[2] * x.shape[3]
+            conv2d_backward_data_v2[(ceil_div(pixels, TILE), ceil_div(x.shape[1], TILE)), (TILE, TILE)](*data_args)
         dw = _weight_grad_v2(x, dy, w.shape, stride, padding)
     db = xp.empty(w.shape[0], np.float32)
     conv2d_backward_bias_v1[w.shape[0], threads](dy.reshape(dy.shape[0], dy.shape[1], -1), db)
@@ -576,7 +584,8 @@ VERSIONS = (
     Version("cpu_winograd",
             "Winograd F(2×2, 3×3) for 3×3 stride 1 (Lavin & Gray 2016): 16 GEMMs over input and filter "
             "tiles transformed by numba loops, 2.25x fewer multiplies; backward-data is the same "
-            "transform on the flipped filters, dW the shifted GEMM's (other convs fall back to im2col)",
+            "transform on the flipped filters, dW its adjoint (16 GEMMs dU = dM Vᵀ, then dw = Gᵀ dU G; "
+            "other convs fall back to im2col)",
             _forward(conv2d_forward_cpu, method="winograd"), saved_backward(conv2d_backward_cpu)),
     Version("cuda_v1",
             "direct: one thread per y (and per dx) element looping over (c, r, s) (and (k, r, s)) "

@@ -12,6 +12,11 @@ U_ξ[k, c] = (G g_kc Gᵀ)_ξ and V_ξ[c, t] = (Bᵀ d_ct B)_ξ over the tiles t
 outputs instead of 36·K·C (2.25x fewer). V is 4x the input (im2col: 9x); chunks of images keep V and
 M in cache between the transforms (compiled numba loops) and the GEMMs. Backward-data is itself a
 3×3 stride-1 conv (of dy with the flipped, transposed filters), so it runs through the same code.
+Backward-weight is the adjoint of the forward, read right to left:
+
+    dM_ξ[k, t] = (A dY_kt Aᵀ)_ξ,    dU_ξ = Σ_t dM_ξ[:, t] V_ξ[:, t]ᵀ,    dw[k, c] = Gᵀ dU[k, c] G
+
+16 GEMMs again (2.25x fewer multiplies than dW = dY X̂ᵀ), over V rebuilt from x.
 """
 import numpy as np
 from numba import njit
@@ -21,6 +26,7 @@ from .cpu_threads import parallel_map, task_slices
 # V and M of one chunk of images: about this many bytes, so they stay in L2/L3
 CHUNK_BYTES = 2 << 20
 _G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]])
+_GG = np.kron(_G, _G)  # (16, 9): _GG[4a + b, 3r + s] = G[a, r]·G[b, s]
 
 
 def fits(w, stride, padding):
@@ -29,9 +35,18 @@ def fits(w, stride, padding):
 
 
 def filter_transform(w, dtype):
-    """U[4a + b, k, c] = (G g Gᵀ)[a, b] for g = w[k, c]: (16, K, C) in dtype (computed in float64)."""
-    u = _G @ w.astype(np.float64) @ _G.T  # (K, C, 4, 4); a three-operand einsum took 10x longer
-    return np.ascontiguousarray(u.transpose(2, 3, 0, 1).reshape(16, w.shape[0], w.shape[1]), dtype=dtype)
+    """U[4a + b, k, c] = (G g Gᵀ)[a, b] for g = w[k, c]: (16, K, C) in dtype (computed in float64), as one
+    GEMM: vec(G g Gᵀ) = (G ⊗ G) vec(g) (batched 4×4 products over the K·C filters took 10-20x longer)."""
+    k, c = w.shape[:2]
+    u = _GG @ w.transpose(2, 3, 0, 1).reshape(9, k * c).astype(np.float64)
+    return u.reshape(16, k, c).astype(dtype)
+
+
+def filter_transform_adjoint(du, dtype):
+    """dw[k, c] = Gᵀ dU[:, k, c] G for dU (16, K, C): the adjoint of filter_transform, (K, C, 3, 3) in dtype."""
+    _, k, c = du.shape
+    dw = _GG.T @ du.reshape(16, k * c).astype(np.float64)
+    return np.ascontiguousarray(dw.reshape(3, 3, k, c).transpose(2, 3, 0, 1), dtype=dtype)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
@@ -95,6 +110,37 @@ def _output_transform(mm, bias, y, n0, th, tw, m):
                             y1[j + 1] = s11 - s12 - s13 + bk
 
 
+@njit(cache=True, fastmath=True, nogil=True)
+def _output_transform_adjoint(dy, dm, n0, th, tw, m):
+    """dm[ξ, k, t] = (A dY Aᵀ)_ξ for the 2×2 tile dY of dy[n0 + n, k] at tile t, zero where the tile hangs
+    over dy's edge: the adjoint of _output_transform (y = Aᵀ M A), as dW needs it."""
+    ho, wo = dy.shape[2], dy.shape[3]
+    for kk in range(dy.shape[1]):
+        for n in range(m):
+            for ti in range(th):
+                base = (n * th + ti) * tw
+                i = 2 * ti
+                two_rows = i + 1 < ho
+                d0 = dy[n0 + n, kk, i]
+                d1 = dy[n0 + n, kk, i + 1] if two_rows else d0
+                for tj in range(tw):
+                    j = 2 * tj
+                    two_cols = j + 1 < wo
+                    a00 = d0[j]
+                    a01 = d0[j + 1] if two_cols else 0
+                    a10 = d1[j] if two_rows else 0
+                    a11 = d1[j + 1] if two_rows and two_cols else 0
+                    # A dY (four rows from the two) ...
+                    e00, e01, e10, e11 = a00, a01, a00 + a10, a01 + a11
+                    e20, e21, e30, e31 = a00 - a10, a01 - a11, -a10, -a11
+                    t = base + tj
+                    # ... times Aᵀ (four columns from the two)
+                    dm[0, kk, t], dm[1, kk, t], dm[2, kk, t], dm[3, kk, t] = e00, e00 + e01, e00 - e01, -e01
+                    dm[4, kk, t], dm[5, kk, t], dm[6, kk, t], dm[7, kk, t] = e10, e10 + e11, e10 - e11, -e11
+                    dm[8, kk, t], dm[9, kk, t], dm[10, kk, t], dm[11, kk, t] = e20, e20 + e21, e20 - e21, -e21
+                    dm[12, kk, t], dm[13, kk, t], dm[14, kk, t], dm[15, kk, t] = e30, e30 + e31, e30 - e31, -e31
+
+
 def _planes(rows, cols, dtype):
     """A (16, rows, cols) array whose 16 planes lie 256 B (mod 4 KiB) apart: the transforms touch all
     16 planes at one tile, and planes a multiple of 4 KiB apart would all fall in one L1 set (measured:
@@ -105,32 +151,76 @@ def _planes(rows, cols, dtype):
     return np.lib.stride_tricks.as_strided(flat, (16, rows, cols), (size * plane, size * cols, size))
 
 
+def _tiling(x, k, padding, dtype):
+    """(Ho, Wo, th, tw, nb): output size, 2×2 tiles per column and row (the last may hang over), and
+    images per chunk so that a chunk's V and M (or dM) stay near CHUNK_BYTES."""
+    n, c, h, width = x.shape
+    out_h, out_w = h + 2 * padding - 2, width + 2 * padding - 2
+    th, tw = (out_h + 1) // 2, (out_w + 1) // 2
+    nb = int(max(1, min(n, CHUNK_BYTES // (dtype.itemsize * 16 * (c + k) * th * tw))))
+    return out_h, out_w, th, tw, nb
+
+
+def _transform_chunk(x, xp, v, n0, m, padding, th, tw):
+    """V of images n0 .. n0 + m of x, through xp (C, nb, Hq, Wq), whose border stays zero: the padding."""
+    h, width = x.shape[2:]
+    xp[:, :m, padding:padding + h, padding:padding + width] = x[n0:n0 + m].transpose(1, 0, 2, 3)
+    _input_transform(xp, v, th, tw, m)
+
+
 def conv2d_forward_winograd(x, w, b, padding):
     """y = conv2d(x, w) + b for a 3×3 stride-1 kernel, 0 ≤ padding ≤ 2 (see `fits`). Chunks of images
     run on the pool of kernels/cpu_threads.py, each task with buffers of its own."""
-    n, c, h, width = x.shape
+    n, c = x.shape[:2]
     k = w.shape[0]
     dtype = np.result_type(x, w)
-    out_h, out_w = h + 2 * padding - 2, width + 2 * padding - 2
-    th, tw = (out_h + 1) // 2, (out_w + 1) // 2          # 2×2 tiles, the last row/column may hang over
-    nb = int(max(1, min(n, CHUNK_BYTES // (dtype.itemsize * 16 * (c + k) * th * tw))))  # images per chunk
+    out_h, out_w, th, tw, nb = _tiling(x, k, padding, dtype)
     u = filter_transform(w, dtype)
     bias = np.zeros(k, dtype) if b is None else b.astype(dtype, copy=False)
     y = np.empty((n, k, out_h, out_w), dtype)
     starts = range(0, n, nb)
 
     def run(task):
-        xp = np.zeros((c, nb, 2 * th + 2, 2 * tw + 2), dtype)  # the border stays zero: the padding
+        xp = np.zeros((c, nb, 2 * th + 2, 2 * tw + 2), dtype)
         v, mm = _planes(c, nb * th * tw, dtype), _planes(k, nb * th * tw, dtype)
         for n0 in starts[task]:
             m = min(nb, n - n0)
             tiles = m * th * tw
-            xp[:, :m, padding:padding + h, padding:padding + width] = x[n0:n0 + m].transpose(1, 0, 2, 3)
-            _input_transform(xp, v, th, tw, m)
+            _transform_chunk(x, xp, v, n0, m, padding, th, tw)
             np.matmul(u, v[:, :, :tiles], out=mm[:, :, :tiles])
             _output_transform(mm, bias, y, n0, th, tw, m)
     parallel_map(run, task_slices(len(starts)))
     return y
+
+
+def conv2d_backward_weight_winograd(x, dy, padding):
+    """dw (K, C, 3, 3) of conv2d_forward_winograd(x, w, ·, padding): dU_ξ = Σ_t dM_ξ V_ξᵀ over chunks
+    of images on the pool, each task summing its own chunks in order; the task sums are added in task
+    order, so the bits do not depend on the threads. Then dw = Gᵀ dU G."""
+    n, c = x.shape[:2]
+    k = dy.shape[1]
+    dtype = np.result_type(x, dy)
+    _, _, th, tw, nb = _tiling(x, k, padding, dtype)
+    starts = range(0, n, nb)
+    tasks = task_slices(len(starts))
+    du_terms = np.zeros((len(tasks), 16, k, c), dtype)
+
+    def run(i):
+        xp = np.zeros((c, nb, 2 * th + 2, 2 * tw + 2), dtype)
+        v, dm = _planes(c, nb * th * tw, dtype), _planes(k, nb * th * tw, dtype)
+        chunk_du = np.empty((16, k, c), dtype)
+        for n0 in starts[tasks[i]]:
+            m = min(nb, n - n0)
+            tiles = m * th * tw
+            _transform_chunk(x, xp, v, n0, m, padding, th, tw)
+            _output_transform_adjoint(dy, dm, n0, th, tw, m)
+            np.matmul(dm[:, :, :tiles], v[:, :, :tiles].transpose(0, 2, 1), out=chunk_du)
+            du_terms[i] += chunk_du
+    parallel_map(run, range(len(tasks)))
+    du = np.zeros((16, k, c), dtype)
+    for term in du_terms:  # in task order, as a serial loop would
+        du += term
+    return filter_transform_adjoint(du, dtype)
 
 
 def conv2d_backward_data_winograd(w, dy, padding):

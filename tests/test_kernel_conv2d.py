@@ -135,6 +135,33 @@ def test_cpu_backward_matches_finite_differences(method, shape):
         np.testing.assert_allclose(analytic, numeric_gradient(objective, wrt), rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("method", ["auto", "im2col", "shifted", "winograd"])
+def test_cpu_backward_without_dx_gives_the_same_dw_and_db(method):
+    """need_dx=False (x needs no gradient, as the U-Net's first conv) skips dx and changes nothing else."""
+    for shape in [(2, 9, 6, 5, 3, 3, 3, 1, 1), (2, 3, 5, 4, 2, 1, 1, 1, 0)]:
+        x, w, b, dy = make_problem(shape, np.float32, seed=8, offset=0.3)
+        _, saved = conv.conv2d_forward_cpu(x, w, b, 1, shape[-1], method)
+        _, dw, db = conv.conv2d_backward_cpu(saved, dy)
+        no_dx, dw_only, db_only = conv.conv2d_backward_cpu(saved, dy, need_dx=False)
+        assert no_dx is None
+        np.testing.assert_array_equal(dw_only, dw)
+        np.testing.assert_array_equal(db_only, db)
+
+
+def test_winograd_gives_the_same_result_in_chunks_of_one_image(monkeypatch):
+    """Winograd's chunks (V and dM kept in cache) change no value beyond the order of dW's sums."""
+    from tinyddpm.kernels import winograd
+    x, w, b, dy = make_problem((5, 9, 7, 6, 4, 3, 3, 1, 1), np.float64, seed=9, offset=0.6)
+    whole_y, saved = conv.conv2d_forward_cpu(x, w, b, 1, 1, "winograd")
+    whole = conv.conv2d_backward_cpu(saved, dy)
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", 1)
+    assert winograd._tiling(x, 4, 1, x.dtype)[-1] == 1
+    y, saved = conv.conv2d_forward_cpu(x, w, b, 1, 1, "winograd")
+    np.testing.assert_allclose(y, whole_y, rtol=1e-12, atol=1e-12)
+    for got, want in zip(conv.conv2d_backward_cpu(saved, dy), whole):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
 def test_shifted_gemm_gives_the_same_result_in_chunks_of_one_image(monkeypatch):
     """Chunking the batch (to keep the GEMM output in cache) changes no value: one image per chunk."""
     from tinyddpm.kernels import shifted_gemm

@@ -51,7 +51,7 @@ class Conv2d(Function):
         return y
 
     def backward(self, g):
-        dx, dw, db = self.backward_impl(self.saved, _contiguous(g))
+        dx, dw, db = self.backward_impl(self.saved, _contiguous(g), need_dx=self.needs_grad[0])
         return dx, dw, (db if self.needs_grad[2] else None)
 
 
