@@ -113,7 +113,7 @@ def test_max_pool_sends_each_window_gradient_to_its_first_maximum_and_none_to_th
 
 
 def test_max_pool_under_no_grad_equals_the_recorded_forward_and_a_numpy_reference():
-    """Under no_grad max-pool skips the argmax bookkeeping: its values must not change."""
+    """Under no_grad max-pool keeps nothing for backward: its values must not change."""
     x = np.random.default_rng(4).standard_normal((3, 2, 7, 9)).astype(np.float32)
     recorded = F.max_pool2d(td.Tensor(x, requires_grad=True), 2).data
     with td.no_grad():
