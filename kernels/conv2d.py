@@ -31,6 +31,8 @@ from ._bench import OpBench, Version, host64, saved_backward
 from ._cuda import (ZERO, array_module, block_sum, ceil_div, cuda, device_function, kernel, require_float32,
                     sum_columns, unravel)
 from .cpu_threads import parallel_map, task_slices
+from .direct_conv import conv2d_backward_direct, conv2d_forward_direct
+from .direct_conv import fits as direct_fits
 from .im2col import col2im, im2col
 from .shifted_gemm import conv2d_backward_shifted, conv2d_forward_shifted, shifted_state
 from .winograd import conv2d_backward_data_winograd, conv2d_backward_weight_winograd, conv2d_forward_winograd
@@ -102,19 +104,22 @@ def conv2d_backward_reference(x, w, dy, stride=1, padding=0):
 
 
 # ---- CPU implementation (the engine's `cpu` backend) -------------------------------------------
-# Three ways to a conv by GEMMs, picked per layer (the version rows cpu_im2col, cpu_shifted and
-# cpu_winograd time each at the U-Net's shapes; the README has the table):
+# Four ways to a conv, picked per layer (the version rows cpu_im2col, cpu_shifted, cpu_winograd and
+# cpu_direct time each at the U-Net's shapes; the README has the table):
 # - im2col (kernels/im2col.py): batch-innermost ("CHWN") columns, so each pass is one large GEMM;
 # - the shifted GEMM (kernels/shifted_gemm.py): stride 1, a third of im2col's data for 3×3, but the
 #   padded border is computed too;
 # - Winograd F(2×2, 3×3) (kernels/winograd.py): 3×3 stride 1, 2.25x fewer multiplies, for the forward,
-#   backward-data and backward-weight.
-# A 3×3 stride-1 conv with at least WINOGRAD_MIN_CHANNELS input channels takes Winograd (it won
-# at every U-Net shape but the first conv, C = 1, whose tiny GEMMs cannot pay for the transforms);
-# otherwise a stride-1 conv takes the shifted GEMM where its padded border adds at most
-# SHIFTED_MAX_OVERHEAD of work (28×28: 1.15; 7×7: 1.65), else im2col.
+#   backward-data and backward-weight;
+# - direct (kernels/direct_conv.py): stride 1 with at most direct_conv.MAX_DEPTH products per output
+#   (the first conv, C = 1), scaled rows of x added up: no GEMM too shallow for BLAS.
+# A stride-1 conv that fits the direct loop takes it; a 3×3 stride-1 conv with at least
+# WINOGRAD_MIN_CHANNELS input channels takes Winograd (it won at every other U-Net shape); otherwise
+# a stride-1 conv takes the shifted GEMM where its padded border adds at most SHIFTED_MAX_OVERHEAD of
+# work (28×28: 1.15; 7×7: 1.65), else im2col.
 WINOGRAD_MIN_CHANNELS = 8
 SHIFTED_MAX_OVERHEAD = 1.2
+METHODS = ("auto", "im2col", "shifted", "winograd", "direct")
 
 
 def _is_pointwise(w, stride, padding):
@@ -123,24 +128,32 @@ def _is_pointwise(w, stride, padding):
 
 
 def _method(x, w, stride, padding, out_h, out_w, method):
-    """'pointwise', 'im2col', 'shifted' or 'winograd' for this conv; `method` forces one of the last
-    three wherever it can run (shifted: stride 1; winograd: see winograd.fits), else im2col."""
+    """'pointwise', 'im2col', 'shifted', 'winograd' or 'direct' for this conv; `method` forces one of
+    the last four wherever it can run (shifted: stride 1; winograd: see winograd.fits; direct: stride 1),
+    else im2col."""
+    if method not in METHODS:
+        raise ValueError(f"conv2d: unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if _is_pointwise(w, stride, padding):
         return "pointwise"
+    if method == "direct" and stride == 1 or method == "auto" and direct_fits(w, stride):
+        return "direct"
     if method == "winograd" or (method == "auto" and x.shape[1] >= WINOGRAD_MIN_CHANNELS):
         if winograd_fits(w, stride, padding):
             return "winograd"
-    if stride != 1 or method in ("im2col", "winograd"):
+    if stride != 1 or method in ("im2col", "winograd", "direct"):
         return "im2col"
     padded = (x.shape[2] + 2 * padding) * (x.shape[3] + 2 * padding)
     return "shifted" if method == "shifted" or padded <= SHIFTED_MAX_OVERHEAD * out_h * out_w else "im2col"
 
 
 def conv2d_forward_cpu(x, w, b, stride, padding, method="auto"):
-    """y = conv2d(x, w) + b by GEMMs -> (y, saved): x itself for a pointwise conv, else im2col
-    (Chellapilla et al. 2006), the shifted GEMM or Winograd; saved keeps what the backward needs."""
+    """y = conv2d(x, w) + b -> (y, saved): by one GEMM on x itself for a pointwise conv, else by im2col
+    (Chellapilla et al. 2006), the shifted GEMM, Winograd or the direct loop; saved keeps what the
+    backward needs."""
     out_h, out_w = _check_args(x, w, b, stride, padding)
     method = _method(x, w, stride, padding, out_h, out_w, method)
+    if method == "direct":
+        return conv2d_forward_direct(x, w, b, padding, out_h, out_w)
     if method == "winograd":
         return conv2d_forward_winograd(x, w, b, padding), {"method": method, "x": x, "w": w, "padding": padding}
     if method == "shifted":
@@ -169,8 +182,10 @@ def conv2d_forward_cpu(x, w, b, stride, padding, method="auto"):
 
 def conv2d_backward_cpu(saved, dy, need_dx=True):
     """(dx, dw, db) of conv2d_forward_cpu: dW = dY X̂ᵀ and dX̂ = Wᵀ dY (one GEMM each), dx = col2im(dX̂),
-    db = Σ dy (shifted: conv2d_backward_shifted; Winograd: kernels/winograd.py's dx and dW). With
-    need_dx=False (x needs no gradient: the U-Net's first conv) dx is None and not computed."""
+    db = Σ dy (shifted, Winograd, direct: their modules' backward). With need_dx=False (x needs no
+    gradient: the U-Net's first conv) dx is None and not computed."""
+    if saved["method"] == "direct":
+        return conv2d_backward_direct(saved, dy, need_dx)
     if saved["method"] == "shifted":
         return conv2d_backward_shifted(saved, dy, need_dx)
     if saved["method"] == "winograd":
@@ -566,9 +581,10 @@ VERSIONS = (
             lambda case, _: conv2d_backward_reference(case["x"], case["w"], case["dy"], case["stride"],
                                                       case["padding"])),
     Version("cpu",
-            "the engine's CPU path: per layer one of the rows below (Winograd for a 3×3 stride-1 conv of "
-            "at least 8 input channels, else the shifted GEMM where the padded border adds at most "
-            "20% work, else im2col); a 1×1 stride-1 conv skips them all: x is its own column matrix",
+            "the engine's CPU path: per layer one of the rows below (direct for stride 1 and C·R·S ≤ 36, "
+            "Winograd for a 3×3 stride-1 conv of at least 8 input channels, else the shifted GEMM where "
+            "the padded border adds at most 20% work, else im2col); a 1×1 stride-1 conv skips them all: "
+            "x is its own column matrix",
             _forward(conv2d_forward_cpu), saved_backward(conv2d_backward_cpu)),
     Version("cpu_im2col",
             "im2col into batch-innermost (C·R·S, Ho·Wo·N) columns by a compiled numba loop, then one "
@@ -587,6 +603,11 @@ VERSIONS = (
             "transform on the flipped filters, dW its adjoint (16 GEMMs dU = dM Vᵀ, then dw = Gᵀ dU G; "
             "other convs fall back to im2col)",
             _forward(conv2d_forward_cpu, method="winograd"), saved_backward(conv2d_backward_cpu)),
+    Version("cpu_direct",
+            "no GEMM: for few input channels (C·R·S ≤ 36, the first conv) each output image is the sum of "
+            "C·R·S scaled, shifted copies of the flattened padded x, one vectorised loop each; the "
+            "backward reads the same sums the other way (stride 2 falls back to im2col)",
+            _forward(conv2d_forward_cpu, method="direct"), saved_backward(conv2d_backward_cpu)),
     Version("cuda_v1",
             "direct: one thread per y (and per dx) element looping over (c, r, s) (and (k, r, s)) "
             "from global memory; one block per dw element and per db element, shared-memory tree sums",
@@ -602,7 +623,8 @@ VERSIONS = (
 
 BENCH = OpBench(
     "conv2d", _make_case, _reference, _flops, _bytes, VERSIONS,
-    shapes=[dict(N=64, C=32, H=28, W=28, K=32, R=3, S=3, stride=1, padding=1),
+    shapes=[dict(N=64, C=1, H=28, W=28, K=32, R=3, S=3, stride=1, padding=1),
+            dict(N=64, C=32, H=28, W=28, K=32, R=3, S=3, stride=1, padding=1),
             dict(N=64, C=64, H=14, W=14, K=64, R=3, S=3, stride=1, padding=1),
             dict(N=64, C=128, H=7, W=7, K=64, R=3, S=3, stride=1, padding=1),
             dict(N=64, C=32, H=28, W=28, K=64, R=1, S=1, stride=1, padding=0)],

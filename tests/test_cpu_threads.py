@@ -40,6 +40,7 @@ def _attention(rng):
 CASES = {
     "conv2d winograd": lambda rng: _conv("winograd", 8, 3, rng),
     "conv2d shifted": lambda rng: _conv("shifted", 3, 3, rng),
+    "conv2d direct": lambda rng: _conv("direct", 2, 3, rng),
     "conv2d pointwise": lambda rng: _conv("auto", 6, 1, rng),
     "group_norm_silu": _group_norm_silu,
     "attention": _attention,

@@ -99,11 +99,13 @@ def test_reference_backward_matches_finite_differences(shape):
 
 # ---- the CPU implementation --------------------------------------------------------------------
 @given(shape=conv_shapes(), dtype=st.sampled_from([np.float32, np.float64]), with_bias=st.booleans(),
-       seed=st.integers(0, 2**16), method=st.sampled_from(["auto", "im2col", "shifted", "winograd"]))
+       seed=st.integers(0, 2**16), method=st.sampled_from(["auto", "im2col", "shifted", "winograd", "direct"]))
 @example(shape=(2, 3, 4, 5, 4, 1, 1, 1, 1), dtype=np.float32, with_bias=True, seed=0, method="auto")  # 1×1, padded
 @example(shape=(3, 2, 7, 6, 5, 1, 1, 2, 0), dtype=np.float64, with_bias=False, seed=0, method="auto")  # 1×1, strided
 @example(shape=(2, 3, 9, 8, 4, 3, 3, 1, 1), dtype=np.float32, with_bias=True, seed=0, method="shifted")
 @example(shape=(1, 2, 5, 6, 3, 2, 3, 1, 0), dtype=np.float64, with_bias=False, seed=0, method="shifted")  # unpadded
+@example(shape=(3, 1, 9, 8, 4, 3, 3, 1, 1), dtype=np.float32, with_bias=True, seed=0, method="auto")  # direct, C = 1
+@example(shape=(1, 3, 5, 6, 2, 2, 3, 1, 0), dtype=np.float64, with_bias=False, seed=0, method="direct")  # unpadded
 def test_cpu_matches_reference(shape, dtype, with_bias, seed, method):
     x, w, b, dy = make_problem(shape, dtype, seed, offset=1.5)
     b = b if with_bias else None
@@ -121,7 +123,7 @@ def test_cpu_matches_reference(shape, dtype, with_bias, seed, method):
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=name)
 
 
-@pytest.mark.parametrize("method", ["im2col", "shifted", "winograd"])
+@pytest.mark.parametrize("method", ["im2col", "shifted", "winograd", "direct"])
 @pytest.mark.parametrize("shape", [(2, 2, 4, 3, 3, 3, 3, 1, 1), (1, 3, 5, 4, 2, 2, 3, 1, 0), (2, 2, 5, 5, 2, 3, 3, 2, 1),
                                    (1, 2, 5, 6, 2, 3, 3, 1, 2)])
 def test_cpu_backward_matches_finite_differences(method, shape):
@@ -135,7 +137,7 @@ def test_cpu_backward_matches_finite_differences(method, shape):
         np.testing.assert_allclose(analytic, numeric_gradient(objective, wrt), rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("method", ["auto", "im2col", "shifted", "winograd"])
+@pytest.mark.parametrize("method", ["auto", "im2col", "shifted", "winograd", "direct"])
 def test_cpu_backward_without_dx_gives_the_same_dw_and_db(method):
     """need_dx=False (x needs no gradient, as the U-Net's first conv) skips dx and changes nothing else."""
     for shape in [(2, 9, 6, 5, 3, 3, 3, 1, 1), (2, 3, 5, 4, 2, 1, 1, 1, 0)]:
@@ -176,13 +178,19 @@ def test_shifted_gemm_gives_the_same_result_in_chunks_of_one_image(monkeypatch):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)  # dW sums chunk by chunk: another order
 
 
-def test_auto_picks_winograd_then_the_shifted_gemm_then_im2col():
+def test_auto_picks_direct_then_winograd_then_the_shifted_gemm_then_im2col():
     w = np.zeros((4, 8, 3, 3), np.float32)
     x28, x7 = np.zeros((1, 8, 28, 28), np.float32), np.zeros((1, 8, 7, 7), np.float32)
     assert conv._method(x28, w, 1, 1, 28, 28, "auto") == "winograd"
     assert conv._method(x7, w, 1, 1, 7, 7, "auto") == "winograd"
-    assert conv._method(x28[:, :1], w[:, :1], 1, 1, 28, 28, "auto") == "shifted"  # 1 channel; 900/784 = 1.15
-    assert conv._method(x7[:, :1], w[:, :1], 1, 1, 7, 7, "auto") == "im2col"  # 81/49 = 1.65
+    assert conv._method(x28[:, :1], w[:, :1], 1, 1, 28, 28, "auto") == "direct"  # the first conv: 9 products
+    assert conv._method(x28[:, :4], w[:, :4], 1, 1, 28, 28, "auto") == "direct"  # 36
+    assert conv._method(x28[:, :5], w[:, :5], 1, 1, 28, 28, "auto") == "shifted"  # 45; 900/784 = 1.15
+    assert conv._method(x7[:, :5], w[:, :5], 1, 1, 7, 7, "auto") == "im2col"  # 81/49 = 1.65
+    assert conv._method(x28[:, :1], w[:, :1], 2, 1, 14, 14, "auto") == "im2col"  # direct: stride 1 only
+    assert conv._method(x28, w, 2, 1, 14, 14, "direct") == "im2col"
+    with pytest.raises(ValueError, match="unknown method"):
+        conv._method(x28, w, 1, 1, 28, 28, "fft")
     assert conv._method(x28, w, 2, 1, 14, 14, "shifted") == "im2col"  # stride 2
     assert conv._method(x28, w, 2, 1, 14, 14, "winograd") == "im2col"
     assert conv._method(x28, w[:, :, :1, :1], 1, 0, 28, 28, "winograd") == "pointwise"
