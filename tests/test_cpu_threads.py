@@ -73,9 +73,30 @@ def test_parallel_map_keeps_order_and_a_nested_map_runs_inline(monkeypatch):
 
     def outer(i):
         outer_threads.append(threading.current_thread().name)
-        return cpu_threads.parallel_map(lambda j: 10 * i + j, range(3))  # from a pool thread: inline, no deadlock
+        return cpu_threads.parallel_map(lambda j: 10 * i + j, range(3))  # from inside an item: inline, no deadlock
     assert cpu_threads.parallel_map(outer, range(5)) == [[10 * i + j for j in range(3)] for i in range(5)]
-    assert all(name.startswith("tinyddpm") for name in outer_threads)
+    main = threading.current_thread().name
+    assert all(name == main or name.startswith("tinyddpm-") for name in outer_threads)
+
+
+def test_parallel_map_runs_items_on_two_threads_at_once(monkeypatch):
+    """Two items that each wait for the other can only finish if a helper runs beside the caller."""
+    monkeypatch.setenv("TINYDDPM_NUM_THREADS", "2")
+    both = threading.Barrier(2, timeout=30)
+    assert cpu_threads.parallel_map(lambda i: both.wait() >= 0 and i, range(2)) == [0, 1]
+
+
+def test_an_error_in_any_item_reaches_the_caller_after_the_others_ran(monkeypatch):
+    monkeypatch.setenv("TINYDDPM_NUM_THREADS", "2")
+    ran = []
+
+    def item(i):
+        ran.append(i)
+        if i == 3:
+            raise ZeroDivisionError("item 3")
+    with pytest.raises(ZeroDivisionError, match="item 3"):
+        cpu_threads.parallel_map(item, range(6))
+    assert sorted(ran) == list(range(6))
 
 
 @pytest.mark.parametrize("count", [0, 1, 5, 8, 9, 64, 1000])
