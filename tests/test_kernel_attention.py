@@ -118,6 +118,7 @@ TOLERANCES = {np.float32: (1e-4, 1e-5), np.float64: (1e-9, 1e-9)}  # (rtol, atol
 @given(shape=shapes(max_batch=3, max_length=20, max_head_size=20), scale=scales,
        dtype=st.sampled_from([np.float32, np.float64]), offset=st.floats(-3.0, 3.0), seed=st.integers(0, 2**16))
 @example(shape=(1, 1, 1, 1, 1), scale=None, dtype=np.float32, offset=0.0, seed=0)
+@example(shape=(2, 1, 5, 6, 3), scale=-0.8, dtype=np.float32, offset=1.0, seed=1)  # the max of scale·s is at min s
 def test_cpu_matches_reference(shape, scale, dtype, offset, seed):
     q, k, v, do = random_inputs(shape, dtype, seed, offset=offset)
     o, saved = attention_forward_cpu(q, k, v, scale)
