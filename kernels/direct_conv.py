@@ -53,8 +53,7 @@ def _forward_images(x_pad, w, bias, y, n0, n1):
                         for p in range(length):                   # numba's negative-index check, scalar (12x slower)
                             z[p] += wv * x_shifted[p]
             for i in range(out_h):
-                for j in range(out_w):
-                    y[b, kk, i, j] = z[i * wp + j]
+                y[b, kk, i, :] = z[i * wp:i * wp + out_w]
 
 
 @njit(cache=True, fastmath=True, nogil=True)
@@ -70,8 +69,7 @@ def _backward_images(x_pad, w, dy, need_dx, dx_pad, dw_part, n0, n1):
             dx_pad[b] = 0
         for kk in range(k):
             for i in range(out_h):
-                for j in range(out_w):
-                    dz[i * wp + j] = dy[b, kk, i, j]
+                dz[i * wp:i * wp + out_w] = dy[b, kk, i, :]
             for ci in range(c):
                 x_flat = x_pad[b, ci]
                 for r in range(kh):

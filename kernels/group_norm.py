@@ -12,7 +12,7 @@ Backward, with upstream gradient dy and ĝ_i = dy_i·γ_c (means over the group)
     dx_i = rstd·(ĝ_i − mean(ĝ) − x̂_i·mean(ĝ·x̂))
     dγ_c = Σ_{n,s} dy·x̂,    dβ_c = Σ_{n,s} dy
 
-The versions (reference, cpu, cuda_v1, cuda_v2) are the rows of VERSIONS at the end of this file,
+The versions (reference, cpu, cpu_numpy, cuda_v1, cuda_v2) are the rows of VERSIONS at the end of this file,
 with their kernels ``group_norm_<pass>_v<N>``; ``python benchmarks/bench_kernels.py --list`` prints
 them with the command that runs each one alone. kernels/group_norm_silu.py fuses SiLU (and the time
 embedding) into these passes, with the statistics, closed-form backward and launch helpers below.
@@ -20,11 +20,12 @@ embedding) into these passes, with the statistics, closed-form backward and laun
 import math
 
 import numpy as np
-from numba import float32
+from numba import float32, njit
 
 from ._bench import OpBench, Version, host64, saved_backward
 from ._cuda import (ONE, ZERO, array_module, block_sum, cuda, device_function, kernel, require_float32,
                     sum_columns)
+from .cpu_threads import parallel_map, task_slices
 
 
 # ---- NumPy reference ---------------------------------------------------------------------------
@@ -64,6 +65,108 @@ def group_norm_backward_reference(x, num_groups, weight, dy, eps=1e-5):
 
 
 # ---- CPU implementation (the engine's `cpu` backend) -------------------------------------------
+# float32 (training, sampling): numba passes over one (sample, group) row at a time, slices of samples
+# on the pool of kernels/cpu_threads.py. One row of M = (C/G)·S contiguous floats (NCHW) is a few tens
+# of KB: after its first read it is served from L1/L2, so a pass costs about one DRAM read of x (and
+# dy) and one write of y (dx), where NumPy makes a pass and a temporary per operation (6x slower than
+# PyTorch at N = 64, 28×28, C32). saved is x itself, μ and rstd. NumPy's passes below serve float64
+# (the gradchecks) and are the `cpu_numpy` version row; kernels/group_norm_silu.py fuses SiLU into
+# the same row loops.
+def as_group_rows(x, num_groups):
+    """x (N, C, *spatial) as C-contiguous (N, G, C/G, S): each (n, g) row of M values in one block."""
+    n, c = x.shape[:2]
+    return np.ascontiguousarray(x).reshape(n, num_groups, c // num_groups, -1)
+
+
+@njit(inline="always", fastmath=True, error_model="numpy")
+def row_moments(row, eps):
+    """(μ, rstd) of one (C/G, S) row: two passes, μ first, then Σ(x − μ)² (never E[x²] − E[x]²)."""
+    m = float32(row.shape[0] * row.shape[1])
+    total = float32(0)
+    for ci in range(row.shape[0]):
+        for j in range(row.shape[1]):
+            total += row[ci, j]
+    mu = total / m
+    total = float32(0)
+    for ci in range(row.shape[0]):
+        for j in range(row.shape[1]):
+            d = row[ci, j] - mu
+            total += d * d
+    return mu, float32(1) / np.sqrt(total / m + eps)
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
+def _forward_rows(x, weight, bias, eps, y, mean, rstd):
+    """Per (n, g) row of x (N, G, Cg, S): μ and rstd, then y = x·(γ_c·rstd) + (β_c − μ·γ_c·rstd)."""
+    n, g, cg, s = x.shape
+    for b in range(n):
+        for gi in range(g):
+            mu, rs = row_moments(x[b, gi], eps)
+            mean[b, gi], rstd[b, gi] = mu, rs
+            for ci in range(cg):
+                scale = weight[gi * cg + ci] * rs
+                shift = bias[gi * cg + ci] - mu * scale
+                xc, yc = x[b, gi, ci], y[b, gi, ci]
+                for j in range(s):
+                    yc[j] = xc[j] * scale + shift
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
+def _backward_rows(x, dy, weight, mean, rstd, dx, dweight_part, dbias_part):
+    """Per (n, g) row, two passes: (1) the channel sums Σdy·x̂ (→ dγ) and Σdy (→ dβ) into (N, C)
+    partials, which also give mean(ĝ) and mean(ĝ·x̂); (2) dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))."""
+    n, g, cg, s = x.shape
+    m = float32(cg * s)
+    for b in range(n):
+        for gi in range(g):
+            mu, rs = mean[b, gi], rstd[b, gi]
+            sum_g, sum_gx = float32(0), float32(0)
+            for ci in range(cg):
+                c = gi * cg + ci
+                xc, dyc = x[b, gi, ci], dy[b, gi, ci]
+                s_dy, s_dyx = float32(0), float32(0)
+                for j in range(s):
+                    s_dy += dyc[j]
+                    s_dyx += dyc[j] * ((xc[j] - mu) * rs)
+                dweight_part[b, c], dbias_part[b, c] = s_dyx, s_dy
+                sum_g += weight[c] * s_dy
+                sum_gx += weight[c] * s_dyx
+            mean_g, mean_gx = sum_g / m, sum_gx / m
+            for ci in range(cg):
+                gamma = weight[gi * cg + ci]
+                xc, dyc, dxc = x[b, gi, ci], dy[b, gi, ci], dx[b, gi, ci]
+                for j in range(s):
+                    dxc[j] = rs * (gamma * dyc[j] - mean_g - (xc[j] - mu) * rs * mean_gx)
+
+
+def group_norm_forward_cpu(x, num_groups, weight, bias, eps=1e-5):
+    """GroupNorm forward (Wu & He 2018) -> (y, saved)."""
+    if x.dtype != np.float32:
+        return group_norm_forward_numpy(x, num_groups, weight, bias, eps)
+    rows = as_group_rows(x, num_groups)
+    y = np.empty(rows.shape, np.float32)
+    mean, rstd = np.empty(rows.shape[:2], np.float32), np.empty(rows.shape[:2], np.float32)
+    weight32, bias32 = weight.astype(np.float32, copy=False), bias.astype(np.float32, copy=False)
+    parallel_map(lambda part: _forward_rows(rows[part], weight32, bias32, np.float32(eps), y[part], mean[part],
+                                            rstd[part]), task_slices(len(rows)))
+    return y.reshape(x.shape), {"x": rows, "mean": mean, "rstd": rstd, "weight": weight, "shape": x.shape}
+
+
+def group_norm_backward_cpu(saved, dy):
+    """(dx, dγ, dβ) of group_norm_forward_cpu by the closed form (see the module docstring)."""
+    if "xhat" in saved:
+        return group_norm_backward_numpy(saved, dy)
+    rows, n, c = saved["x"], saved["shape"][0], saved["shape"][1]
+    dx = np.empty(rows.shape, np.float32)
+    dweight_part, dbias_part = np.empty((n, c), np.float32), np.empty((n, c), np.float32)
+    dy_rows = np.ascontiguousarray(dy, np.float32).reshape(rows.shape)
+    weight32 = saved["weight"].astype(np.float32, copy=False)
+    parallel_map(lambda part: _backward_rows(rows[part], dy_rows[part], weight32, saved["mean"][part],
+                                             saved["rstd"][part], dx[part], dweight_part[part], dbias_part[part]),
+                 task_slices(n))
+    return dx.reshape(saved["shape"]), dweight_part.sum(axis=0), dbias_part.sum(axis=0)
+
+
 def _row_dot(a, b):
     """Σ_k a[..., k]·b[..., k] as a batch of BLAS dot products, without an a·b temporary."""
     return np.matmul(a[..., None, :], b[..., :, None])[..., 0, 0]
@@ -87,8 +190,8 @@ def affine_cpu(xhat, shape, weight, bias):
     return out
 
 
-def group_norm_forward_cpu(x, num_groups, weight, bias, eps=1e-5):
-    """GroupNorm forward (Wu & He 2018) -> (y, saved); saved keeps x̂ and rstd for the backward."""
+def group_norm_forward_numpy(x, num_groups, weight, bias, eps=1e-5):
+    """GroupNorm forward in NumPy passes (any float dtype) -> (y, saved); saved keeps x̂ and rstd."""
     xhat, rstd = normalise_cpu(x, num_groups, eps)
     y = affine_cpu(xhat, x.shape, weight, bias)
     return y.reshape(x.shape), {"xhat": xhat, "rstd": rstd, "weight": weight, "shape": x.shape}
@@ -109,8 +212,8 @@ def norm_backward_cpu(xhat, rstd, weight, dnorm):
     return ghat, dweight, dbias
 
 
-def group_norm_backward_cpu(saved, dy):
-    """(dx, dγ, dβ) of group_norm_forward_cpu by the closed form (see the module docstring)."""
+def group_norm_backward_numpy(saved, dy):
+    """(dx, dγ, dβ) of group_norm_forward_numpy by the closed form."""
     shape = saved["shape"]
     dnorm = dy.reshape(shape[0], shape[1], -1)
     dx, dweight, dbias = norm_backward_cpu(saved["xhat"], saved["rstd"], saved["weight"], dnorm)
@@ -351,9 +454,14 @@ VERSIONS = (
             lambda case: (group_norm_forward_reference(*case_args(case)), None),
             lambda case, _: group_norm_backward_reference(*case_args(case)[:3], case["dy"])),
     Version("cpu",
-            "vectorised NumPy: two-pass statistics with BLAS row dots for Σ(x−μ)², normalised in place; "
-            "the closed-form backward from the saved x̂ (two row sums per group, not the chain rule)",
+            "numba passes over one (n, g) row at a time, samples on the thread pool: two-pass statistics, "
+            "then y = x·(γ·rstd) + (β − μ·γ·rstd); the closed-form backward in two passes per row from "
+            "the saved x, μ and rstd (two channel sums per group, not the chain rule)",
             _forward(group_norm_forward_cpu), saved_backward(group_norm_backward_cpu)),
+    Version("cpu_numpy",
+            "vectorised NumPy (any float dtype: the engine's path for float64): two-pass statistics with "
+            "BLAS row dots for Σ(x−μ)², normalised in place; the closed-form backward from the saved x̂",
+            _forward(group_norm_forward_numpy), saved_backward(group_norm_backward_numpy)),
     Version("cuda_v1",
             "one block per (n, g) row: a shared-memory sum for μ, a second pass for Σ(x−μ)², then "
             "normalise (three reads of x). Backward: one pass per channel for Σdy and Σdy·x̂ (the dβ, dγ "

@@ -18,9 +18,10 @@ from numba import float32, njit
 
 from ._bench import OpBench, Version, host64, saved_backward
 from ._cuda import HALF, ONE, ZERO, array_module, block_sum3, cuda, device_function, kernel, sum_columns
-from .group_norm import (SHAPES, SIM_SHAPES, THREADS, affine_cpu, as_rows, case_args, elements, forward_outputs,
-                         grad_rows, group_norm_backward_reference, group_norm_forward_reference, make_case,
-                         norm_backward_cpu, normalise_cpu, row_channels, traffic_bytes, welford_stats)
+from .group_norm import (SHAPES, SIM_SHAPES, THREADS, affine_cpu, as_group_rows, as_rows, case_args, elements,
+                         forward_outputs, grad_rows, group_norm_backward_reference, group_norm_forward_reference,
+                         make_case, norm_backward_cpu, normalise_cpu, row_channels, row_moments, traffic_bytes,
+                         welford_stats)
 from .cpu_threads import parallel_map, task_slices
 from .vector_math import sigmoid32
 
@@ -52,7 +53,7 @@ def group_norm_silu_forward_cpu(x, num_groups, weight, bias, emb=None, eps=1e-5)
     if x.dtype != np.float32:
         return group_norm_silu_forward_numpy(x, num_groups, weight, bias, emb, eps)
     n, c = x.shape[:2]
-    rows = np.ascontiguousarray(x).reshape(n, num_groups, c // num_groups, -1)
+    rows = as_group_rows(x, num_groups)
     y = np.empty(rows.shape, np.float32)
     mean, rstd = np.empty((n, num_groups), np.float32), np.empty((n, num_groups), np.float32)
     emb_rows = np.zeros((1, 1), np.float32) if emb is None else np.ascontiguousarray(emb, np.float32).reshape(n, c)
@@ -82,31 +83,18 @@ def group_norm_silu_backward_cpu(saved, dy):
             demb if saved["has_emb"] else None)
 
 
-# One row of M = (C/G)·S contiguous floats (NCHW) is a few tens of KB: after its first read it is
-# served from L1/L2, so these passes cost about one DRAM read of x (and dy) and one write of y (dx),
-# where the NumPy version makes a dozen full-size passes and temporaries. saved is x itself (no copy),
-# μ and rstd. Slices of samples run on the thread pool (numba's prange lost badly when the cores were
-# busy, beside multithreaded BLAS); sigmoid32 keeps the exp vectorised (kernels/vector_math.py).
+# The row loops of kernels/group_norm.py's CPU path (its comment says why rows), with SiLU and + emb
+# fused in: the NumPy version makes a dozen full-size passes and temporaries. saved is x itself (no
+# copy), μ and rstd; sigmoid32 keeps the exp vectorised (kernels/vector_math.py).
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _fused_forward_rows(x, weight, bias, emb, has_emb, eps, y, mean, rstd):
     """Per (n, g) row of x (N, G, Cg, S): two-pass μ and σ², then y = a·σ(a) + emb[n, c] at
     a = x·(γ_c·rstd) + (β_c − μ·γ_c·rstd); μ and rstd (N, G) are written for the backward."""
     n, g, cg, s = x.shape
-    m = float32(cg * s)
     for b in range(n):
         for gi in range(g):
             xr = x[b, gi]
-            total = float32(0)
-            for ci in range(cg):
-                for j in range(s):
-                    total += xr[ci, j]
-            mu = total / m
-            total = float32(0)
-            for ci in range(cg):
-                for j in range(s):
-                    d = xr[ci, j] - mu
-                    total += d * d
-            rs = float32(1) / np.sqrt(total / m + eps)
+            mu, rs = row_moments(xr, eps)
             mean[b, gi], rstd[b, gi] = mu, rs
             for ci in range(cg):
                 c = gi * cg + ci

@@ -10,6 +10,7 @@ import tinyddpm  # noqa: F401  (importing it is what limits BLAS)
 from tinyddpm.kernels import cpu_threads, shifted_gemm, winograd
 from tinyddpm.kernels.attention import attention_backward_cpu, attention_forward_cpu
 from tinyddpm.kernels.conv2d import conv2d_backward_cpu, conv2d_forward_cpu
+from tinyddpm.kernels.group_norm import group_norm_backward_cpu, group_norm_forward_cpu
 from tinyddpm.kernels.group_norm_silu import group_norm_silu_backward_cpu, group_norm_silu_forward_cpu
 
 
@@ -31,6 +32,13 @@ def _group_norm_silu(rng):
     return (y, *group_norm_silu_backward_cpu(saved, rng.standard_normal(y.shape).astype(np.float32)))
 
 
+def _group_norm(rng):
+    x = rng.standard_normal((9, 12, 5, 3)).astype(np.float32) - 1.0
+    weight, bias = rng.standard_normal(12).astype(np.float32), rng.standard_normal(12).astype(np.float32)
+    y, saved = group_norm_forward_cpu(x, 3, weight, bias)
+    return (y, *group_norm_backward_cpu(saved, rng.standard_normal(y.shape).astype(np.float32)))
+
+
 def _attention(rng):
     q, k, v = (rng.standard_normal((11, 3, 7, 4)).astype(np.float32) for _ in range(3))
     o, saved = attention_forward_cpu(q, k, v)
@@ -42,6 +50,7 @@ CASES = {
     "conv2d shifted": lambda rng: _conv("shifted", 3, 3, rng),
     "conv2d direct": lambda rng: _conv("direct", 2, 3, rng),
     "conv2d pointwise": lambda rng: _conv("auto", 6, 1, rng),
+    "group_norm": _group_norm,
     "group_norm_silu": _group_norm_silu,
     "attention": _attention,
 }
