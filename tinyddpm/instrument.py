@@ -1,5 +1,5 @@
 """Count what a piece of work costs the host: numba CUDA kernel launches, array-module operations and
-device→host transfers.
+device→host transfers; and where its time goes, op by op.
 
     with instrument.count() as counts:
         trainer.train_step()
@@ -12,15 +12,22 @@ device→host transfers.
   EMA and clipping are, entirely. On a GPU each is about one kernel launch.
 - ``transfers``: calls of ``tinyddpm.device.to_host``, the one door from device to host.
 
+``op_times()`` times every autograd ``Function`` (forward and, for those recorded, backward) by
+class, wall clock: on a GPU it measures launches, not kernels, so it is a CPU profile
+(benchmarks/profile_step.py prints it).
+
 The counters exist only inside the block: entering it patches those three entry points and leaving it
 restores them, so outside a block nothing is counted and nothing costs.
 """
+import collections
 import contextlib
 import dataclasses
 import functools
 import sys
+import time
 
 from . import device as _dev
+from . import tensor as _tensor
 
 
 @dataclasses.dataclass
@@ -104,3 +111,44 @@ def count():
             owner, method, is_launch = point
             stack.enter_context(_patched(owner, method, counting_launches))
         yield counts
+
+
+@dataclasses.dataclass
+class OpTimes:
+    """Seconds and calls per Function class name, forward and backward apart."""
+    forward: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    backward: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    calls: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+
+@contextlib.contextmanager
+def op_times():
+    """Time every Function's forward (its whole ``apply``) and the backward of the recorded ones,
+    inside the block; yields an ``OpTimes`` that fills as the block runs. A backward runs when
+    ``loss.backward()`` does: call it inside the block to have it counted."""
+    times = OpTimes()
+    original = _tensor.Function.__dict__["apply"]  # the classmethod itself, not a method bound to Function
+    apply = original.__func__
+
+    def timed_apply(cls, *inputs, **params):
+        t0 = time.perf_counter()
+        out = apply(cls, *inputs, **params)
+        times.forward[cls.__name__] += time.perf_counter() - t0
+        times.calls[cls.__name__] += 1
+        fn = out._fn
+        if fn is not None:  # this instance's backward, timed when it runs
+            backward = fn.backward
+
+            def timed_backward(grad):
+                t1 = time.perf_counter()
+                grads = backward(grad)
+                times.backward[cls.__name__] += time.perf_counter() - t1
+                return grads
+            fn.backward = timed_backward
+        return out
+
+    _tensor.Function.apply = classmethod(timed_apply)
+    try:
+        yield times
+    finally:
+        _tensor.Function.apply = original
