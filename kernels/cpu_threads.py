@@ -28,6 +28,10 @@ threadpool_limits(1, user_api="blas")
 # An op cuts its work into this many tasks, whatever the thread count (so its sums run in one order),
 # enough that threads which finish early take more of it.
 TASKS = 8
+# Below this many elements a row-wise op runs as one task: waiting for a woken helper cost more than
+# it saved (GroupNorm at N = 64, 7×7, C64, 200k elements: 0.20 ms with a helper, 0.11 ms without; at
+# 28×28, C32: 0.44 against 0.57).
+POOL_MIN_ELEMENTS = 1 << 19
 
 _helpers = []               # the helper threads, started as the thread count asks
 _jobs = queue.SimpleQueue()  # one entry per helper a map wants
@@ -104,3 +108,9 @@ def task_slices(count):
     parts = max(1, min(TASKS, count))
     bounds = [count * i // parts for i in range(parts + 1)]
     return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def row_tasks(count, elements):
+    """task_slices(count), or one task when the op has fewer than POOL_MIN_ELEMENTS elements. Only for
+    ops whose rows are independent (each output element is computed the same way whatever the split)."""
+    return task_slices(count) if elements >= POOL_MIN_ELEMENTS else [slice(0, count)]

@@ -22,7 +22,7 @@ from .group_norm import (SHAPES, SIM_SHAPES, THREADS, affine_cpu, as_group_rows,
                          forward_outputs, grad_rows, group_norm_backward_reference, group_norm_forward_reference,
                          make_case, norm_backward_cpu, normalise_cpu, row_channels, row_moments, traffic_bytes,
                          welford_stats)
-from .cpu_threads import parallel_map, task_slices
+from .cpu_threads import parallel_map, row_tasks
 from .vector_math import sigmoid32
 
 
@@ -60,7 +60,7 @@ def group_norm_silu_forward_cpu(x, num_groups, weight, bias, emb=None, eps=1e-5)
     weight32, bias32, has_emb = weight.astype(np.float32, copy=False), bias.astype(np.float32, copy=False), emb is not None
     parallel_map(lambda part: _fused_forward_rows(
         rows[part], weight32, bias32, emb_rows[part] if has_emb else emb_rows, has_emb, np.float32(eps), y[part],
-        mean[part], rstd[part]), task_slices(n))
+        mean[part], rstd[part]), row_tasks(n, rows.size))
     saved = {"x": rows, "mean": mean, "rstd": rstd, "weight": weight, "bias": bias, "shape": x.shape,
              "has_emb": emb is not None}
     return y.reshape(x.shape), saved
@@ -78,7 +78,7 @@ def group_norm_silu_backward_cpu(saved, dy):
     weight32, bias32 = saved["weight"].astype(np.float32, copy=False), saved["bias"].astype(np.float32, copy=False)
     parallel_map(lambda part: _fused_backward_rows(
         rows[part], dy_rows[part], weight32, bias32, saved["mean"][part], saved["rstd"][part], dx[part],
-        dweight_part[part], dbias_part[part], demb[part]), task_slices(n))
+        dweight_part[part], dbias_part[part], demb[part]), row_tasks(n, rows.size))
     return (dx.reshape(saved["shape"]), dweight_part.sum(axis=0), dbias_part.sum(axis=0),
             demb if saved["has_emb"] else None)
 

@@ -62,6 +62,7 @@ def test_results_are_the_same_bits_for_one_thread_and_for_the_pool(name, monkeyp
     count nor which thread ran which task can move a bit (the run stays repeatable on any machine)."""
     monkeypatch.setattr(winograd, "CHUNK_BYTES", 1)      # one image per chunk: several tasks even at N = 7
     monkeypatch.setattr(shifted_gemm, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(cpu_threads, "POOL_MIN_ELEMENTS", 0)  # row-wise ops: several tasks at these sizes too
     monkeypatch.setenv("TINYDDPM_NUM_THREADS", "2")
     pooled = CASES[name](np.random.default_rng(3))
     monkeypatch.setenv("TINYDDPM_NUM_THREADS", "1")
@@ -115,6 +116,11 @@ def test_task_slices_cut_the_range_exactly_into_at_most_tasks_pieces(count):
     assert covered == list(range(count))
     assert 1 <= len(slices) <= cpu_threads.TASKS
     assert all(part.stop > part.start for part in slices) or count == 0
+
+
+def test_row_tasks_keep_a_small_op_in_one_task():
+    assert cpu_threads.row_tasks(64, cpu_threads.POOL_MIN_ELEMENTS - 1) == [slice(0, 64)]
+    assert cpu_threads.row_tasks(64, cpu_threads.POOL_MIN_ELEMENTS) == cpu_threads.task_slices(64)
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
