@@ -81,7 +81,7 @@ def thread_settings():
     env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                                        "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER", "TINYDDPM_NUM_THREADS")
            if k in os.environ}
-    parts = [f"env {env or 'unset'}", f"tinyddpm {cpu_threads.num_threads()} threads (the caller and {cpu_threads.num_threads() - 1} helpers)",
+    parts = [f"env {env or 'unset'}", f"tinyddpm {cpu_threads.num_threads()} threads (the caller and {cpu_threads.num_threads() - 1} helper(s))",
              f"numba {numba.config.NUMBA_NUM_THREADS} threads (layer {numba.config.THREADING_LAYER}, unused: no prange)"]
     parts += [f"{p['internal_api']} {p['num_threads']} threads" for p in threadpool_info()]
     return "; ".join(parts)
