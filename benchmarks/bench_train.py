@@ -102,6 +102,25 @@ def make_model_and_batch(preset, batch_size):
     return model, x, t, y, upstream
 
 
+def tinyddpm_step(model, x, t, y):
+    """One tinyddpm training step as Trainer.train_step runs it, as a function of no arguments: loss,
+    backward, clipping, Adam, EMA, the loss read back (towards a zero target: the cost is the same)."""
+    import tinyddpm as td
+    from tinyddpm import optim
+    ema, opt = optim.EMA(model, 0.995), optim.Adam(model.parameters(), lr=1e-4)
+    xt, target = td.Tensor(td.device.to_device(x)), td.device.to_device(np.zeros_like(x))
+
+    def step():
+        loss = td.functional.mse_loss(model(xt, t, y), target)
+        opt.zero_grad()
+        loss.backward()
+        optim.clip_grad_norm(opt.params, 1.0)
+        opt.step()
+        ema.update(model)
+        return loss.item()
+    return step
+
+
 def forward_flops(model, x, t, y):
     """Multiply-adds ×2 of one forward pass: every conv2d, linear and attention product (the work a
     training step does ≈ 3× this: forward, backward-data, backward-weight)."""
@@ -148,25 +167,14 @@ class Worker:
         """Build the model and batch; return (first training step s, first sampling run s, forward FLOPs,
         and for tinyddpm the step's (numba launches, array-module calls, device→host transfers))."""
         import tinyddpm as td
-        from tinyddpm import optim
         from tinyddpm.diffusion import GaussianDiffusion
         from tinyddpm.schedules import get_betas
         args, device = self.args, self.args.device
         model, x, t, y, _ = make_model_and_batch(args.preset, batch_size)
         flops = forward_flops(model, x, t, y)
         # one step of training as Trainer.train_step runs it: loss, backward, clipping, Adam, EMA, the loss read back
-        if self.framework == "tinyddpm":
-            ema, opt = optim.EMA(model, 0.995), optim.Adam(model.parameters(), lr=1e-4)
-            xt, target = td.Tensor(td.device.to_device(x)), td.device.to_device(np.zeros_like(x))
-
-            def step():
-                loss = td.functional.mse_loss(model(xt, t, y), target)
-                opt.zero_grad()
-                loss.backward()
-                optim.clip_grad_norm(opt.params, 1.0)
-                opt.step()
-                ema.update(model)
-                return loss.item()
+        if self.framework == "tinyddpm":  # tinyddpm_step; the PyTorch twin's below does the same
+            step = tinyddpm_step(model, x, t, y)
             sampler_model = model
         else:
             import torch

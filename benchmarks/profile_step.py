@@ -13,10 +13,8 @@ import os
 import sys
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train import make_model_and_batch, thread_settings  # noqa: E402  (benchmarks/, found through the line above)
+from bench_train import make_model_and_batch, thread_settings, tinyddpm_step  # noqa: E402  (benchmarks/, found through the line above)
 
 
 def parse_args(argv=None):
@@ -45,25 +43,14 @@ def table(title, times, total, rounds):
 def main(argv=None):
     args = parse_args(argv)
     import tinyddpm as td
-    from tinyddpm import functional as F
-    from tinyddpm import instrument, optim
+    from tinyddpm import instrument
     td.device.retain_freed_memory()  # as `tinyddpm train` and bench_train.py do
     model, x, t, y, _ = make_model_and_batch(args.preset, args.batch_size)
-    ema, opt = optim.EMA(model, 0.995), optim.Adam(model.parameters(), lr=1e-4)
-    xt, target = td.Tensor(x), np.zeros_like(x)
-
-    def step():
-        loss = F.mse_loss(model(xt, t, y), target)
-        opt.zero_grad()
-        loss.backward()
-        optim.clip_grad_norm(opt.params, 1.0)
-        opt.step()
-        ema.update(model)
-        return loss.item()
+    step = tinyddpm_step(model, x, t, y)
 
     def forward():
         with td.no_grad():
-            model(xt, t, y)
+            model(td.Tensor(x), t, y)
 
     print(f"preset {args.preset}, batch {args.batch_size}, {args.rounds} rounds; {thread_settings()}\n")
     for title, fn in ((f"training step (batch {args.batch_size})", step),

@@ -111,12 +111,24 @@ def _forward_rows(x, weight, bias, eps, y, mean, rstd):
                     yc[j] = xc[j] * scale + shift
 
 
+@njit(inline="always", fastmath=True, error_model="numpy")
+def closed_form_dx_row(x_row, grad_row, weight, first_channel, mu, rs, sum_g, sum_gx, dx_row):
+    """dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)) over one (C/G, S) row, ĝ = γ_c·grad (the gradient of the
+    normalised output; dx_row may be grad_row itself), from Σĝ and Σĝ·x̂ over the row."""
+    m = float32(x_row.shape[0] * x_row.shape[1])
+    mean_g, mean_gx = sum_g / m, sum_gx / m
+    for ci in range(x_row.shape[0]):
+        gamma = weight[first_channel + ci]
+        xc, gc, dxc = x_row[ci], grad_row[ci], dx_row[ci]
+        for j in range(x_row.shape[1]):
+            dxc[j] = rs * (gamma * gc[j] - mean_g - (xc[j] - mu) * rs * mean_gx)
+
+
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _backward_rows(x, dy, weight, mean, rstd, dx, dweight_part, dbias_part):
     """Per (n, g) row, two passes: (1) the channel sums Σdy·x̂ (→ dγ) and Σdy (→ dβ) into (N, C)
-    partials, which also give mean(ĝ) and mean(ĝ·x̂); (2) dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))."""
+    partials, which also give mean(ĝ) and mean(ĝ·x̂); (2) dx by closed_form_dx_row."""
     n, g, cg, s = x.shape
-    m = float32(cg * s)
     for b in range(n):
         for gi in range(g):
             mu, rs = mean[b, gi], rstd[b, gi]
@@ -131,12 +143,7 @@ def _backward_rows(x, dy, weight, mean, rstd, dx, dweight_part, dbias_part):
                 dweight_part[b, c], dbias_part[b, c] = s_dyx, s_dy
                 sum_g += weight[c] * s_dy
                 sum_gx += weight[c] * s_dyx
-            mean_g, mean_gx = sum_g / m, sum_gx / m
-            for ci in range(cg):
-                gamma = weight[gi * cg + ci]
-                xc, dyc, dxc = x[b, gi, ci], dy[b, gi, ci], dx[b, gi, ci]
-                for j in range(s):
-                    dxc[j] = rs * (gamma * dyc[j] - mean_g - (xc[j] - mu) * rs * mean_gx)
+            closed_form_dx_row(x[b, gi], dy[b, gi], weight, gi * cg, mu, rs, sum_g, sum_gx, dx[b, gi])
 
 
 def group_norm_forward_cpu(x, num_groups, weight, bias, eps=1e-5):

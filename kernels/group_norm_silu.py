@@ -18,10 +18,10 @@ from numba import float32, njit
 
 from ._bench import OpBench, Version, host64, saved_backward
 from ._cuda import HALF, ONE, ZERO, array_module, block_sum3, cuda, device_function, kernel, sum_columns
-from .group_norm import (SHAPES, SIM_SHAPES, THREADS, affine_cpu, as_group_rows, as_rows, case_args, elements,
-                         forward_outputs, grad_rows, group_norm_backward_reference, group_norm_forward_reference,
-                         make_case, norm_backward_cpu, normalise_cpu, row_channels, row_moments, traffic_bytes,
-                         welford_stats)
+from .group_norm import (SHAPES, SIM_SHAPES, THREADS, affine_cpu, as_group_rows, as_rows, case_args,
+                         closed_form_dx_row, elements, forward_outputs, grad_rows, group_norm_backward_reference,
+                         group_norm_forward_reference, make_case, norm_backward_cpu, normalise_cpu, row_channels,
+                         row_moments, traffic_bytes, welford_stats)
 from .cpu_threads import parallel_map, row_tasks
 from .vector_math import sigmoid32
 
@@ -111,9 +111,8 @@ def _fused_forward_rows(x, weight, bias, emb, has_emb, eps, y, mean, rstd):
 def _fused_backward_rows(x, dy, weight, bias, mean, rstd, dx, dweight_part, dbias_part, demb):
     """Per (n, g) row, two passes: (1) a and σ(a) recomputed, da = dy·σ(a)(1 + a(1 − σ(a))) kept in dx,
     the channel sums Σ da·x̂ (→ dγ), Σ da (→ dβ) and Σ dy (→ demb) into (N, C) partials; (2) the GroupNorm
-    closed form dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)), ĝ = γ_c·da."""
+    closed form (closed_form_dx_row) with ĝ = γ_c·da, in place."""
     n, g, cg, s = x.shape
-    m = float32(cg * s)
     for b in range(n):
         for gi in range(g):
             mu, rs = mean[b, gi], rstd[b, gi]
@@ -135,12 +134,7 @@ def _fused_backward_rows(x, dy, weight, bias, mean, rstd, dx, dweight_part, dbia
                 dweight_part[b, c], dbias_part[b, c], demb[b, c] = s_dax, s_da, s_dy
                 sum_g += weight[c] * s_da
                 sum_gx += weight[c] * s_dax
-            mean_g, mean_gx = sum_g / m, sum_gx / m
-            for ci in range(cg):
-                gamma = weight[gi * cg + ci]
-                xc, dac = x[b, gi, ci], dx[b, gi, ci]
-                for j in range(s):
-                    dac[j] = rs * (gamma * dac[j] - mean_g - (xc[j] - mu) * rs * mean_gx)
+            closed_form_dx_row(x[b, gi], dx[b, gi], weight, gi * cg, mu, rs, sum_g, sum_gx, dx[b, gi])  # da → dx in place
 
 
 def sigmoid_cpu(a):
