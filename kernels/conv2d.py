@@ -34,7 +34,7 @@ from .cpu_threads import parallel_map, task_slices
 from .direct_conv import conv2d_backward_direct, conv2d_forward_direct
 from .direct_conv import fits as direct_fits
 from .im2col import col2im, im2col
-from .shifted_gemm import conv2d_backward_shifted, conv2d_forward_shifted, shifted_state
+from .shifted_gemm import conv2d_backward_shifted, conv2d_forward_shifted
 from .winograd import conv2d_backward_data_winograd, conv2d_backward_weight_winograd, conv2d_forward_winograd
 from .winograd import fits as winograd_fits
 
