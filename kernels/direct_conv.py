@@ -1,8 +1,8 @@
 """The direct CPU conv2d for few input channels (the U-Net's first conv: C = 1), stride 1, NCHW,
 float32 (float64 too, for the gradchecks).
 
-A GEMM of im2col's (C·R·S = 9)-deep columns keeps BLAS waiting on memory (the shifted GEMM took 6.5 ms
-at N = 64, 28×28, K = 32; PyTorch 0.8), so this conv adds scaled copies of x instead. On the zero-padded
+A GEMM of im2col's (C·R·S = 9)-deep columns keeps BLAS waiting on memory (the shifted GEMM took 6.5–8.7
+ms at N = 64, 28×28, K = 32; PyTorch 0.8–1.5), so this conv adds scaled copies of x instead. On the zero-padded
 image flattened row by row (Wp = W + 2π wide), kernel offset (r, s) is a shift by r·Wp + s, so with
 z[p] computed at every padded position p = i·Wp + j,
 
@@ -23,7 +23,8 @@ from numba import njit
 from .cpu_threads import parallel_map, task_slices
 
 # Products per output up to which the direct loop beat the shifted GEMM (N = 64, 28×28, K = 32, 3×3,
-# forward/backward ms): C = 1: 2.0/2.7 against 9.2/7.3; C = 4: 5.1/8.8 against 9.9/9.5; C = 8:
+# forward/backward ms, measured before the row copies became loops over views, which made the direct
+# loop faster still): C = 1: 2.0/2.7 against 9.2/7.3; C = 4: 5.1/8.8 against 9.9/9.5; C = 8:
 # 8.2/17.3, where Winograd (kernels/winograd.py) takes over at 5.6/13.2.
 MAX_DEPTH = 36
 
