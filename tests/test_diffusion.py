@@ -199,31 +199,75 @@ def test_ddim_with_eta_one_over_all_steps_is_the_ddpm_sampler():
     np.testing.assert_allclose(ddim.data, ddpm.data, rtol=1e-9, atol=1e-12)
 
 
-def test_dpm_solver_pp_2m_is_second_order_on_the_probability_flow_ode_of_gaussian_data():
+class GaussianData:
     """Data x_0 ~ N(μ, s²) per pixel: ε(x_t, t) is exact (E[x_0|x_t] in closed form), and the probability-flow
-    ODE keeps z = (x_t − √ᾱ_t μ)/√(ᾱ_t s² + 1 − ᾱ_t), so its solution is known. Halving the step size
-    divides DPM-Solver++(2M)'s error by ~4 (second order) and DDIM's (η = 0, Euler) by ~2."""
+    ODE keeps z = (x_t − √ᾱ_t μ)/√(ᾱ_t s² + 1 − ᾱ_t), so its solution from a given x_T is known."""
     mu, s = 0.3, 0.5
+
+    def __init__(self, diffusion):
+        self.a = diffusion.alphas_cumprod
+        self.x_T = np.random.default_rng(0).standard_normal((4, 1, 2, 2))
+
+    def posterior_mean(self, x, at):  # E[x_0 | x_t = x] at ᾱ_t = at
+        return self.mu + np.sqrt(at) * self.s ** 2 * (x - np.sqrt(at) * self.mu) / (at * self.s ** 2 + 1 - at)
+
+    def __call__(self, xt, t, y=None):
+        at = self.a[np.asarray(t)].reshape(-1, 1, 1, 1)
+        return td.Tensor((xt.data - np.sqrt(at) * self.posterior_mean(xt.data, at)) / np.sqrt(1 - at))
+
+    def exact(self):
+        """Every sampler ends by stepping to x̂_0 at t = 0, the posterior mean of the ODE's state there."""
+        a, mu, s = self.a, self.mu, self.s
+        z = (self.x_T - np.sqrt(a[-1]) * mu) / np.sqrt(a[-1] * s ** 2 + 1 - a[-1])
+        return self.posterior_mean(np.sqrt(a[0]) * mu + np.sqrt(a[0] * s ** 2 + 1 - a[0]) * z, a[0])
+
+
+def test_dpm_solver_pp_2m_is_second_order_on_the_probability_flow_ode_of_gaussian_data():
+    """On one family of grids (evenly spaced t), halving the step size divides DPM-Solver++(2M)'s error by
+    ~4 (second order) and DDIM's (η = 0, Euler) by ~2."""
     d = GaussianDiffusion(linear_betas(1000))
-    a = d.alphas_cumprod
+    model = GaussianData(d)
 
-    def posterior_mean(x, at):  # E[x_0 | x_t = x] at ᾱ_t = at
-        return mu + np.sqrt(at) * s ** 2 * (x - np.sqrt(at) * mu) / (at * s ** 2 + 1 - at)
+    def dpmpp_2m_error(steps):
+        x, history, grid = model.x_T, None, d.ddim_timesteps(steps)
+        for t, t_prev in zip(grid, [*grid[1:], -1]):
+            x, history = d.dpmpp_2m_step(model, x, int(t), int(t_prev), history, clip_x0=False)
+        return np.abs(x - model.exact()).max()
 
-    def model(xt, t, y=None):
-        at = a[np.asarray(t)].reshape(-1, 1, 1, 1)
-        return td.Tensor((xt.data - np.sqrt(at) * posterior_mean(xt.data, at)) / np.sqrt(1 - at))
+    def ddim_error(steps):
+        x = d.sample(model, model.x_T.shape, sampler="ddim", steps=steps, clip_x0=False, x_T=model.x_T,
+                     dtype=np.float64, progress=False, rng=np.random.default_rng(0))
+        return np.abs(x.data - model.exact()).max()
 
-    x_T = np.random.default_rng(0).standard_normal((4, 1, 2, 2))
-    z = (x_T - np.sqrt(a[-1]) * mu) / np.sqrt(a[-1] * s ** 2 + 1 - a[-1])
-    # both samplers end by stepping to x̂_0 at t = 0, the posterior mean of the ODE's state there
-    exact = posterior_mean(np.sqrt(a[0]) * mu + np.sqrt(a[0] * s ** 2 + 1 - a[0]) * z, a[0])
-    errors = {sampler: [np.abs(d.sample(model, x_T.shape, sampler=sampler, steps=n, clip_x0=False, x_T=x_T,
-                                        dtype=np.float64, progress=False, rng=np.random.default_rng(0)).data
-                               - exact).max() for n in (100, 200)] for sampler in ("ddim", "dpmpp2m")}
-    assert 3.5 < errors["dpmpp2m"][0] / errors["dpmpp2m"][1] < 4.5
-    assert 1.7 < errors["ddim"][0] / errors["ddim"][1] < 2.3
-    assert errors["dpmpp2m"][1] < errors["ddim"][1] / 3
+    assert 3.5 < dpmpp_2m_error(100) / dpmpp_2m_error(200) < 4.5
+    assert 1.7 < ddim_error(100) / ddim_error(200) < 2.3
+
+
+def test_dpm_solver_pp_on_its_log_snr_grid_agrees_with_the_exact_ode_solution_in_few_steps():
+    d = GaussianDiffusion(linear_betas(1000))
+    model = GaussianData(d)
+
+    def error(sampler, steps):
+        x = d.sample(model, model.x_T.shape, sampler=sampler, steps=steps, clip_x0=False, x_T=model.x_T,
+                     dtype=np.float64, progress=False, rng=np.random.default_rng(0))
+        return np.abs(x.data - model.exact()).max()
+
+    assert error("dpmpp2m", 40) < error("ddim", 200) / 3
+    assert error("dpmpp2m", 200) < 1e-3
+
+
+def test_the_log_snr_grid_is_evenly_spaced_in_log_snr_and_runs_from_t_max_to_0():
+    d = GaussianDiffusion(linear_betas(1000))
+    lam = np.array([d.log_snr_half(t) for t in range(1000)])
+    grid = d.log_snr_timesteps(10)
+    assert grid[0] == 999 and grid[-1] == 0 and len(grid) == 10 and (np.diff(grid) < 0).all()
+    gaps = np.diff(lam[grid])
+    np.testing.assert_allclose(gaps, (lam[0] - lam[999]) / 9, rtol=0.2)  # up to rounding t to an integer
+    many = d.log_snr_timesteps(1000)  # near t = 0 many λ targets round to one t: each is kept once
+    assert (np.diff(many) < 0).all() and many[0] == 999 and many[-1] == 0 and len(many) < 1000
+    assert list(d.log_snr_timesteps(1)) == [999]
+    with pytest.raises(ValueError, match="steps"):
+        d.log_snr_timesteps(0)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])

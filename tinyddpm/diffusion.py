@@ -347,13 +347,27 @@ class GaussianDiffusion:
             raise ValueError(f"DDIM steps must lie in [1, {self.num_timesteps}], got {steps}")
         return np.linspace(self.num_timesteps - 1, 0, steps).round().astype(np.int64)
 
+    def log_snr_timesteps(self, steps):
+        """Up to ``steps`` timesteps from T−1 down to 0, evenly spaced in λ_t (the "logSNR" grid of Lu et
+        al. 2022, their choice for low-resolution images), each rounded to the nearest discrete t and kept
+        once where several round to the same t (near t = 0 with many steps; the grid is then shorter). The
+        uniform-t grid would take its largest λ step (≈ 3.6 of 9.7 at 10 steps, linear schedule) into t = 0,
+        where the second-order extrapolation of DPM-Solver++(2M) overshoots."""
+        if not 1 <= steps <= self.num_timesteps:
+            raise ValueError(f"DPM-Solver++ steps must lie in [1, {self.num_timesteps}], got {steps}")
+        lam = 0.5 * (np.log(self.alphas_cumprod) - np.log(self.one_minus_alphas_cumprod))  # decreasing in t
+        targets = np.linspace(lam[-1], lam[0], steps)
+        nearest = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1)
+        return np.unique(nearest)[::-1]
+
     def sample(self, model, shape, y=None, guidance=0.0, sampler="ddpm", steps=None, eta=0.0, clip_x0=True,
                progress=True, *, rng, return_trajectory=0, x_T=None, dtype=np.float32):
         """Draw samples, starting from x_T ~ N(0, I) (or the given ``x_T``).
 
         sampler "ddpm": Algorithm 2 of Ho et al. 2020 over all T steps (``steps`` must be None or T).
         sampler "ddim": Song et al. 2021 over ``steps`` evenly spaced timesteps (default T), noise scale η.
-        sampler "dpmpp2m": DPM-Solver++(2M) (Lu et al. 2022) over the same timesteps, deterministic.
+        sampler "dpmpp2m": DPM-Solver++(2M) (Lu et al. 2022) over ``steps`` timesteps evenly spaced in
+        log-SNR (``log_snr_timesteps``, default T), deterministic.
         guidance w: ε̂ = (1 + w) ε(x_t, y) − w ε(x_t, ∅) (needs labels y, one per sample).
         Returns the final x_0 as a Tensor; with return_trajectory = k ≥ 2, also a list of k Tensors
         evenly spaced along the chain from x_T to x_0 (both included; fewer if the chain is shorter)."""
@@ -369,8 +383,9 @@ class GaussianDiffusion:
             x = _dev.to_device(rng.standard_normal(shape).astype(dtype))
         else:
             x = _array(x_T)
-        timesteps = (np.arange(self.num_timesteps - 1, -1, -1) if sampler == "ddpm"
-                     else self.ddim_timesteps(self.num_timesteps if steps is None else steps))
+        steps = self.num_timesteps if steps is None else steps
+        timesteps = (np.arange(self.num_timesteps - 1, -1, -1) if sampler == "ddpm" else
+                     self.ddim_timesteps(steps) if sampler == "ddim" else self.log_snr_timesteps(steps))
         # the chain has len(timesteps) + 1 states, x_T first: keep only the frames asked for
         keep = set(np.linspace(0, len(timesteps), return_trajectory).round().astype(np.int64).tolist())
         frames = [Tensor(x)] if 0 in keep else []
