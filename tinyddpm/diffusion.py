@@ -355,7 +355,7 @@ class GaussianDiffusion:
         where the second-order extrapolation of DPM-Solver++(2M) overshoots."""
         if not 1 <= steps <= self.num_timesteps:
             raise ValueError(f"DPM-Solver++ steps must lie in [1, {self.num_timesteps}], got {steps}")
-        lam = 0.5 * (np.log(self.alphas_cumprod) - np.log(self.one_minus_alphas_cumprod))  # decreasing in t
+        lam = np.array([self.log_snr_half(t) for t in range(self.num_timesteps)])  # decreasing in t
         targets = np.linspace(lam[-1], lam[0], steps)
         nearest = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1)
         return np.unique(nearest)[::-1]
