@@ -1,7 +1,8 @@
 """Sample quality of one training recipe at a fixed budget: train, sample, score; Markdown table rows.
 
     python benchmarks/bench_quality.py [--preset tiny] [--steps 3000] [--data-dir DIR] [--n 5000]
-                                       [--min-snr-gamma 5] [--lr-decay cosine] [--ema-warmup] [--name NAME]
+                                       [--min-snr-gamma G] [--lr-decay cosine|constant] [--[no-]ema-warmup]
+                                       [--name NAME]
                                        [--samplers ddim:50,dpmpp2m:20] [--guidance 2] [--seed 0] [--out DIR]
 
 It drives the `tinyddpm` commands themselves (`train`, then `eval --checkpoint --json` once per sampler),
@@ -51,26 +52,29 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=5000, help="images sampled and scored")
     p.add_argument("--min-snr-gamma", type=float)
     p.add_argument("--lr-decay", choices=("constant", "cosine"))
-    p.add_argument("--ema-warmup", action="store_true")
+    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction)
     p.add_argument("--name", help="the recipe's name in the table (default: its flags)")
     p.add_argument("--samplers", type=sampler_list, default=[("ddim", 50)], metavar="NAME:STEPS,...",
                    help="one row per sampler, all from the same trained model (default ddim:50)")
-    p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--guidance", type=float, default=2.0,
+                   help="default 2: the README's ablation and sampler tables, so later rows stay comparable")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="run directory, kept and reused by the same recipe (default: a temporary one)")
     return p.parse_args(argv)
 
 
 def recipe(args):
-    """The recipe's `tinyddpm train` flags and its name."""
+    """The recipe's `tinyddpm train` flags (the preset's defaults where none is given) and its name."""
     flags = []
     for field, flag in RECIPE_FLAGS:
         value = getattr(args, field)
         if value is True:
             flags.append(flag)
-        elif value not in (None, False):
+        elif value is False:
+            flags.append("--no-" + flag[2:])
+        elif value is not None:
             flags += [flag, str(value)]
-    return flags, args.name or (" ".join(flags) or "baseline")
+    return flags, args.name or (" ".join(flags) or f"{args.preset} defaults")
 
 
 def run(argv):

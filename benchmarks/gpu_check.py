@@ -126,13 +126,15 @@ def train_resume_sample(device, plan, out):
     """Train N steps; train N/2, then --resume to N; the two checkpoints must be equal bit for bit; sample."""
     from tinyddpm import checkpoint
     cli = [sys.executable, "-m", "tinyddpm"]
-    common = ["--preset", plan["preset"], "--device", device, "--sample-every", "1000000", "--overwrite"]
+    # the first half is a run of N/2 steps extended to N: a cosine decay is planned over --steps, so constant
+    recipe = ["--lr-decay", "constant"]
+    common = ["--preset", plan["preset"], "--device", device, "--sample-every", "1000000", "--overwrite", *recipe]
     a, b = os.path.join(out, "run_whole"), os.path.join(out, "run_resumed")
     timings = {}
     for label, argv in [("train (uninterrupted)", ["train", *common, "--steps", str(plan["steps"]), "--out", a]),
                         ("train (first half)", ["train", *common, "--steps", str(plan["steps"] // 2), "--out", b]),
                         ("train --resume", ["train", "--preset", plan["preset"], "--device", device, "--sample-every",
-                                            "1000000", "--steps", str(plan["steps"]), "--resume", "--out", b]),
+                                            "1000000", *recipe, "--steps", str(plan["steps"]), "--resume", "--out", b]),
                         ("sample", ["sample", "--checkpoint", os.path.join(a, "checkpoint.npz"), "--device", device,
                                     *plan["sample"], "--out", os.path.join(out, "samples.png")])]:
         t0 = time.perf_counter()

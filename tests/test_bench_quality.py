@@ -35,11 +35,13 @@ def test_a_kept_run_is_sampled_again_by_several_samplers_without_retraining(offl
     assert again[1] == "ddim 2" and dpmpp[1] == "dpmpp2m 2"
     assert again[2:4] == first[2:4] and again[6] == first[6]  # same model, same seed: same scores; train s kept
     with pytest.raises(SystemExit, match="another recipe"):
-        bench_quality.main(SMOKE + ["--samplers", "ddim:2", "--out", run, "--ema-warmup"])
+        bench_quality.main(SMOKE + ["--samplers", "ddim:2", "--out", run, "--min-snr-gamma", "3"])
 
 
-def test_recipe_names_the_baseline():
-    assert bench_quality.recipe(bench_quality.parse_args([])) == ([], "baseline")
+def test_recipe_names_the_defaults_and_spells_every_flag():
+    assert bench_quality.recipe(bench_quality.parse_args([])) == ([], "tiny defaults")
+    off = bench_quality.parse_args(["--min-snr-gamma", "0", "--lr-decay", "constant", "--no-ema-warmup"])
+    assert bench_quality.recipe(off)[0] == ["--min-snr-gamma", "0.0", "--lr-decay", "constant", "--no-ema-warmup"]
     with pytest.raises(SystemExit):
         bench_quality.parse_args(["--lr-decay", "linear"])
 

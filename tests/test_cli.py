@@ -1,5 +1,7 @@
 """`tinyddpm train / sample / trajectory` end to end on the smoke preset, exact resume, Ctrl-C,
 nothing a user made is lost, and every bad input a new user might try: one line on stderr, exit code 2."""
+import dataclasses
+import json
 import signal
 import subprocess
 import sys
@@ -61,7 +63,8 @@ def test_ddpm_sampler_and_trajectory(trained, tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    args = [*FAST, "--sample-every", "1000", "--ckpt-every", "1000"]
+    # a run extended from 2 to 4 steps: only a constant learning rate has no plan over --steps to break
+    args = [*FAST, "--lr-decay", "constant", "--sample-every", "1000", "--ckpt-every", "1000"]
     assert cli.main(["train", *args, "--steps", "4", "--out", str(tmp_path / "a")]) == 0
     assert cli.main(["train", *args, "--steps", "2", "--out", str(tmp_path / "b")]) == 0
     assert cli.main(["train", *args, "--steps", "4", "--out", str(tmp_path / "b"), "--resume"]) == 0
@@ -96,9 +99,16 @@ def test_resume_continues_exactly_with_the_recipe_options(tmp_path, capsys):
     assert "steps" in capsys.readouterr().err
 
 
+def test_a_checkpoint_from_before_the_recipe_options_reads_as_the_2020_recipe():
+    stored = dataclasses.asdict(train.TrainConfig())
+    for field in train.RECIPE_OFF:
+        del stored[field]  # as written before the fields existed
+    assert train.TrainConfig.from_json(json.dumps(stored)) == train.TrainConfig(**train.RECIPE_OFF)
+
+
 def test_eval_every_scores_the_ema_model_keeps_the_scores_and_changes_no_training_bit(tmp_path, capsys):
-    args = [*FAST, "--sample-every", "1000", "--ckpt-every", "1000", "--steps", "4", "--eval-n", "20",
-            "--sample-steps", "2"]
+    args = [*FAST, "--lr-decay", "constant", "--sample-every", "1000", "--ckpt-every", "1000", "--steps", "4",
+            "--eval-n", "20", "--sample-steps", "2"]  # constant: the run is extended from 2 steps to 4
     assert cli.main(["train", *args, "--out", str(tmp_path / "plain")]) == 0
     # stopped after step 2 (its evaluation at step 2 done), then resumed to step 4 with another at step 4
     assert cli.main(["train", *args, "--steps", "2", "--eval-every", "2", "--out", str(tmp_path / "e")]) == 0

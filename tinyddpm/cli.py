@@ -100,7 +100,8 @@ def _add_sampling_args(p, checkpoint=None):
                    help="ddpm: all T ancestral steps; ddim: Song et al. 2021; dpmpp2m: DPM-Solver++(2M), Lu et al. 2022")
     p.add_argument("--steps", type=_int_at_least(1), default=50, help="DDIM / DPM-Solver++ steps (DDPM uses all T)")
     p.add_argument("--eta", type=_float_in(0, 1), default=0.0, help="DDIM stochasticity η")
-    p.add_argument("--guidance", type=_float_in(0, 100), default=2.0, help="classifier-free guidance w ≥ 0")
+    # w = 1: the best classifier-FID with accuracy ≥ 99% in README's sweep (Sample quality)
+    p.add_argument("--guidance", type=_float_in(0, 100), default=1.0, help="classifier-free guidance w ≥ 0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("cpu", "cuda", "cudasim"), default="cpu")
 
@@ -132,10 +133,10 @@ def build_parser():
     cond.add_argument("--uncond", dest="conditional", action="store_false")
     t.add_argument("--p-uncond", type=_float_in(0, 1))
     t.add_argument("--ema-decay", type=_float_in(0, 1))
-    t.add_argument("--ema-warmup", action="store_true", default=None,
+    t.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
                    help="EMA decay min(ema-decay, (1 + step)/(10 + step))")
-    t.add_argument("--lr-decay", choices=LR_DECAYS, help="after warmup: constant (default) or cosine to 0")
-    t.add_argument("--min-snr-gamma", type=_float_in(0, 1e6), help="Min-SNR-γ loss weighting, e.g. 5 (0: off)")
+    t.add_argument("--lr-decay", choices=LR_DECAYS, help="after warmup: cosine to 0 (default) or constant")
+    t.add_argument("--min-snr-gamma", type=_float_in(0, 1e6), help="Min-SNR-γ loss weighting (default 5; 0: off)")
     t.add_argument("--device", choices=("cpu", "cuda", "cudasim"), default="cpu")
     t.add_argument("--seed", type=int)
     t.add_argument("--sample-every", type=_int_at_least(1))
