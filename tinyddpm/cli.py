@@ -134,7 +134,7 @@ def build_parser():
     t.add_argument("--p-uncond", type=_float_in(0, 1))
     t.add_argument("--ema-decay", type=_float_in(0, 1))
     t.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
-                   help="EMA decay min(ema-decay, (1 + step)/(10 + step))")
+                   help="EMA decay min(ema-decay, (1 + step)/(10 + step)) (default; --no-ema-warmup: constant)")
     t.add_argument("--lr-decay", choices=LR_DECAYS, help="after warmup: cosine to 0 (default) or constant")
     t.add_argument("--min-snr-gamma", type=_float_in(0, 1e6), help="Min-SNR-γ loss weighting (default 5; 0: off)")
     t.add_argument("--device", choices=("cpu", "cuda", "cudasim"), default="cpu")
