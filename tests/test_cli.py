@@ -106,6 +106,26 @@ def test_a_checkpoint_from_before_the_recipe_options_reads_as_the_2020_recipe():
     assert train.TrainConfig.from_json(json.dumps(stored)) == train.TrainConfig(**train.RECIPE_OFF)
 
 
+@pytest.mark.parametrize("flags, expected", [
+    ([], dict(min_snr_gamma=5.0, lr_decay="cosine", ema_warmup=True)),  # the default recipe
+    (["--min-snr-gamma", "0", "--lr-decay", "constant", "--no-ema-warmup"], train.RECIPE_OFF),
+    (["--no-ema-warmup"], dict(min_snr_gamma=5.0, lr_decay="cosine", ema_warmup=False)),
+])
+def test_recipe_flags_reach_the_training_config(flags, expected, monkeypatch):
+    seen = {}
+
+    class Recorder:  # stands in for train.Trainer: only the config cli.main builds matters here
+        def __init__(self, config, *args, **kwargs):
+            seen["config"] = config
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(train, "Trainer", Recorder)
+    assert cli.main(["train", *FAST, *flags]) == 0
+    assert {k: getattr(seen["config"], k) for k in expected} == expected
+
+
 def test_eval_every_scores_the_ema_model_keeps_the_scores_and_changes_no_training_bit(tmp_path, capsys):
     args = [*FAST, "--lr-decay", "constant", "--sample-every", "1000", "--ckpt-every", "1000", "--steps", "4",
             "--eval-n", "20", "--sample-steps", "2"]  # constant: the run is extended from 2 steps to 4
