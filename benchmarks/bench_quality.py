@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--samplers", type=sampler_list, default=[("ddim", 50)], metavar="NAME:STEPS,...",
                    help="one row per sampler, all from the same trained model (default ddim:50)")
     p.add_argument("--guidance", type=float, default=2.0,
-                   help="default 2: the README's ablation and sampler tables, so later rows stay comparable")
+                   help="default 2: the ablation and sampler tables of docs/quality.md, so later rows stay comparable")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="run directory, kept and reused by the same recipe (default: a temporary one)")
     return p.parse_args(argv)

@@ -105,7 +105,7 @@ def conv2d_backward_reference(x, w, dy, stride=1, padding=0):
 
 # ---- CPU implementation (the engine's `cpu` backend) -------------------------------------------
 # Four ways to a conv, picked per layer (the version rows cpu_im2col, cpu_shifted, cpu_winograd and
-# cpu_direct time each at the U-Net's shapes; the README has the table):
+# cpu_direct time each at the U-Net's shapes; docs/benchmarks.md has the tables):
 # - im2col (kernels/im2col.py): batch-innermost ("CHWN") columns, so each pass is one large GEMM;
 # - the shifted GEMM (kernels/shifted_gemm.py): stride 1, a third of im2col's data for 3×3, but the
 #   padded border is computed too;

@@ -1,4 +1,4 @@
-"""Print the README's calibration table for `tinyddpm eval`: the shipped judge's scores of real MNIST
+"""Print the calibration table of `tinyddpm eval` (docs/quality.md): the shipped judge's scores of real MNIST
 training images and of deliberately damaged copies of them, against its reference statistics (the
 10,000 held-out training images), at n = 1,000 and n = 10,000, so a user can read a score.
 

@@ -100,7 +100,7 @@ def _add_sampling_args(p, checkpoint=None):
                    help="ddpm: all T ancestral steps; ddim: Song et al. 2021; dpmpp2m: DPM-Solver++(2M), Lu et al. 2022")
     p.add_argument("--steps", type=_int_at_least(1), default=50, help="DDIM / DPM-Solver++ steps (DDPM uses all T)")
     p.add_argument("--eta", type=_float_in(0, 1), default=0.0, help="DDIM stochasticity η")
-    # w = 1: the best classifier-FID with accuracy ≥ 99% in README's sweep (Sample quality)
+    # w = 1: the best classifier-FID with accuracy ≥ 99% in the guidance sweep of docs/quality.md
     p.add_argument("--guidance", type=_float_in(0, 100), default=1.0, help="classifier-free guidance w ≥ 0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("cpu", "cuda", "cudasim"), default="cpu")

@@ -38,7 +38,7 @@ class TrainConfig:
     conditional: bool = True
     p_uncond: float = 0.1
     ema_decay: float = 0.995
-    # the recipe: the combination won README's ablation at a fixed budget (RECIPE_OFF is the 2020 one)
+    # the recipe: the combination won docs/quality.md's ablation at a fixed budget (RECIPE_OFF: 2020's)
     ema_warmup: bool = True         # decay min(ema_decay, (1 + step)/(10 + step))
     lr_decay: str = "cosine"        # after warmup: "constant" or "cosine" (to 0 at `steps`)
     min_snr_gamma: float = 5.0      # Min-SNR-γ loss weighting (Hang et al. 2023); 0: off
