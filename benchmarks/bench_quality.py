@@ -335,9 +335,9 @@ def main(argv=None):
             for w in args.guidance_grid:
                 row = measure(args, out, record, sampler, steps, w, floor)
                 measured.append(row)
-                print(f"| {name} | {sampler} {steps} | {describe_guidance(curve_key(row))} | {w:g} | {row['fid']:.2f} | "
-                      f"{row['accuracy']:.2%} | {row['confidence']:.4f} | {row['class_entropy']:.4f} | "
-                      f"{row['sample_seconds']:.0f} |", flush=True)
+                print(f"| {name} | {sampler} {steps} | {describe_guidance(curve_key(row))} | {w:g} | "
+                      f"{row['fid']:.2f} | {row['accuracy']:.2%} | {row['confidence']:.4f} | "
+                      f"{row['class_entropy']:.4f} | {row['sample_seconds']:.0f} |", flush=True)
         found = curves([(name, {**record, "rows": measured})])
         print()
         print(ranking_table(found))

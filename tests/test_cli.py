@@ -75,14 +75,10 @@ def test_resume_continues_exactly(tmp_path):
     np.testing.assert_array_equal(a["losses"], b["losses"])
 
 
-def test_resume_continues_exactly_with_the_recipe_options(tmp_path, capsys):
-    # cosine lr, EMA warm-up and Min-SNR weights all depend on the step: a resume must land on the same bits
-    recipe = ["--lr-decay", "cosine", "--ema-warmup", "--min-snr-gamma", "5"]
-    args = [*FAST, *recipe, "--sample-every", "1000", "--ckpt-every", "1000", "--steps", "4"]
+def assert_a_stopped_run_resumes_exactly(tmp_path, args, config):
+    """`tinyddpm train args` run through into a/, and the same run (``config``) stopped after step 2 (as by
+    Ctrl-C) and resumed from its checkpoint in b/, end on the same bits."""
     assert cli.main(["train", *args, "--out", str(tmp_path / "a")]) == 0
-    # the same run stopped after step 2 (as by Ctrl-C), then resumed from its checkpoint
-    config = train.TrainConfig.for_preset("smoke", batch_size=8, timesteps=50, lr_decay="cosine", ema_warmup=True,
-                                          min_snr_gamma=5.0, steps=4, sample_every=1000, ckpt_every=1000)
     stopped = train.Trainer(config, str(tmp_path / "b"), log=lambda m: None)
     for _ in range(2):
         stopped.losses.append(stopped.train_step())
@@ -93,35 +89,34 @@ def test_resume_continues_exactly_with_the_recipe_options(tmp_path, capsys):
         for key in a[part]:
             np.testing.assert_array_equal(a[part][key], b[part][key], err_msg=f"{part}/{key}")
     np.testing.assert_array_equal(a["losses"], b["losses"])
+
+
+def test_resume_continues_exactly_with_the_recipe_options(tmp_path, capsys):
+    # cosine lr, EMA warm-up and Min-SNR weights all depend on the step: a resume must land on the same bits
+    recipe = ["--lr-decay", "cosine", "--ema-warmup", "--min-snr-gamma", "5"]
+    args = [*FAST, *recipe, "--sample-every", "1000", "--ckpt-every", "1000", "--steps", "4"]
+    config = train.TrainConfig.for_preset("smoke", batch_size=8, timesteps=50, lr_decay="cosine", ema_warmup=True,
+                                          min_snr_gamma=5.0, steps=4, sample_every=1000, ckpt_every=1000)
+    assert_a_stopped_run_resumes_exactly(tmp_path, args, config)
     capsys.readouterr()
     # the cosine decay is planned over --steps: extending the run would change it, so it is refused
     assert cli.main(["train", *FAST, *recipe, "--steps", "6", "--out", str(tmp_path / "b"), "--resume"]) == 2
     assert "steps" in capsys.readouterr().err
 
 
-LEVERS = ["--prediction", "v", "--schedule", "cosine", "--zero-terminal-snr", "--channels", "8", "--channel-mult", "1,2",
-          "--num-res-blocks", "2", "--ema-sigma-rel", "0.1"]
+LEVERS = ["--prediction", "v", "--schedule", "cosine", "--zero-terminal-snr", "--channels", "8",
+          "--channel-mult", "1,2", "--num-res-blocks", "2", "--ema-sigma-rel", "0.1"]
 
 
 def test_resume_continues_exactly_with_the_recipe_levers_and_sampling_rebuilds_their_network(tmp_path, capsys):
     # v-prediction on a zero-terminal-SNR cosine schedule with Min-SNR (the default recipe's), another U-Net
     # shape and the power EMA, whose decay depends on the step: a resume must land on the same bits
     args = [*FAST, *LEVERS, "--sample-every", "1000", "--ckpt-every", "1000", "--steps", "4"]
-    assert cli.main(["train", *args, "--out", str(tmp_path / "a")]) == 0
     config = train.TrainConfig.for_preset("smoke", batch_size=8, timesteps=50, prediction="v", schedule="cosine",
                                           zero_terminal_snr=True, base_channels=8, channel_mults=(1, 2),
                                           blocks_per_level=2, ema_power=optim.sigma_rel_to_gamma(0.1), steps=4,
                                           sample_every=1000, ckpt_every=1000)
-    stopped = train.Trainer(config, str(tmp_path / "b"), log=lambda m: None)
-    for _ in range(2):
-        stopped.losses.append(stopped.train_step())
-    stopped.save()
-    assert cli.main(["train", *args, "--out", str(tmp_path / "b"), "--resume"]) == 0
-    a, b = (checkpoint.load(tmp_path / d / "checkpoint.npz") for d in "ab")
-    for part in ("model", "ema", "optim"):
-        for key in a[part]:
-            np.testing.assert_array_equal(a[part][key], b[part][key], err_msg=f"{part}/{key}")
-    np.testing.assert_array_equal(a["losses"], b["losses"])
+    assert_a_stopped_run_resumes_exactly(tmp_path, args, config)
     ckpt = str(tmp_path / "a" / "checkpoint.npz")
     model, diffusion_, saved = train.load_model(ckpt)
     assert saved == config and diffusion_.alphas_cumprod[-1] == 0 and diffusion_.prediction == "v"

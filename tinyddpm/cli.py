@@ -14,7 +14,7 @@ from .checkpoint import CheckpointError
 from .data import DataError
 from .device import DeviceError
 from .diffusion import SAMPLERS
-from .guidance import GUIDANCE_SCHEDULES, GUIDANCE_SPACES
+from .guidance import EVERY_NOISE_LEVEL, GUIDANCE_SCHEDULES, GUIDANCE_SPACES, Guidance
 from .optim import LR_DECAYS, MAX_SIGMA_REL, sigma_rel_to_gamma
 from .nn import StateDictError
 from .train import PRESETS
@@ -146,7 +146,6 @@ def _add_guidance_args(p):
 
 def _guidance(args):
     """The Guidance the sampling options describe."""
-    from .guidance import EVERY_NOISE_LEVEL, Guidance
     return Guidance(args.guidance, args.guidance_interval or EVERY_NOISE_LEVEL, args.guidance_space,
                     args.guidance_schedule)
 
@@ -244,8 +243,8 @@ def _add_recipe_lever_args(t):
                    help="ResNet blocks per level (default: the preset's; tiny 1, base 2)")
     ema = t.add_mutually_exclusive_group()
     ema.add_argument("--ema-power", type=_float_in(0, 1e6), metavar="GAMMA",
-                     help="power-function EMA: decay (1 − 1/t)^(GAMMA+1) at update t (Karras et al. 2024), in place of "
-                          "--ema-decay and --ema-warmup (default: off)")
+                     help="power-function EMA: decay (1 − 1/t)^(GAMMA+1) at update t (Karras et al. 2024), in "
+                          "place of --ema-decay and --ema-warmup (default: off)")
     ema.add_argument("--ema-sigma-rel", type=_float_in(0, MAX_SIGMA_REL, lo_open=True), metavar="S",
                      help="the power EMA by its relative width σ_rel (0.05: GAMMA 16.97; 0.10: 6.94) (default: off)")
 
@@ -340,9 +339,9 @@ def cmd_trajectory(args):
     label = args.label if args.label is not None else int(rng.integers(10))
     y = np.array([label]) if config.conditional else None
     with no_grad():
-        _, frames = diffusion.sample(model, model.config.image_shape(1), y=y, guidance=_guidance(args), sampler=args.sampler,
-                                     steps=None if args.sampler == "ddpm" else args.steps, eta=args.eta, rng=rng,
-                                     return_trajectory=args.frames)
+        _, frames = diffusion.sample(model, model.config.image_shape(1), y=y, guidance=_guidance(args),
+                                     sampler=args.sampler, steps=None if args.sampler == "ddpm" else args.steps,
+                                     eta=args.eta, rng=rng, return_trajectory=args.frames)
     images = np.stack([data.from_model_range(_dev.to_numpy(f.data))[0, 0] for f in frames])
     pictures.save(pictures.grid(images, ncols=len(images), scale=3), args.out)
     print(f"wrote {args.out}: {len(images)} frames from x_T to x_0", file=sys.stderr)
@@ -465,7 +464,10 @@ def _sweep_guidance(args, model, diffusion, config, judge, reference, reference_
                           "interpolated": interpolated and dataclasses.asdict(interpolated), "sweep": [
             {"guidance": w, **dataclasses.asdict(r), "seconds": s} for (w, r), s in zip(sweep, seconds)]}))
         return 0
-    print(f"n = {args.n} per w, {args.sampler} {args.steps} steps, seed {args.seed}; classifier FID vs {reference_source}")
+    interval = args.guidance_interval
+    where = "every noise level" if interval is None else f"σ_t in [{interval[0]:g}, {interval[1]:g}]"
+    print(f"n = {args.n} per w, {args.sampler} {args.steps} steps, seed {args.seed}, guided at {where} "
+          f"({args.guidance_space} space, {args.guidance_schedule} w); classifier FID vs {reference_source}")
     print("| guidance w | classifier FID | accuracy | confidence | class entropy | sampling s |")
     print("|---:|---:|---:|---:|---:|---:|")
     for (w, r), s in zip(sweep, seconds):
