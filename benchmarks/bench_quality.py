@@ -1,6 +1,7 @@
 """Sample quality of one training recipe at a fixed budget: its accuracy/cFID frontier over a guidance grid.
 
     python benchmarks/bench_quality.py [--preset tiny] [--steps 3000] [--data-dir DIR] [--n 5000] [recipe flags]
+                                       [--device cpu|cuda]
                                        [--name NAME] [--samplers ddim:50,dpmpp2m:20]
                                        [--guidance-grid 0,0.25,0.5,0.75,1,1.5] [--guidance-interval LO,HI]
                                        [--guidance-space eps|x0] [--guidance-schedule constant|rising|falling]
@@ -93,6 +94,8 @@ def parse_args(argv=None):
     p.add_argument("--guidance-schedule", choices=GUIDANCE_SCHEDULES, default="constant",
                    help="passed to `tinyddpm eval` (default constant)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where `tinyddpm train` and `eval` run (default cpu; cuda for --preset base on a GPU)")
     p.add_argument("--out", help="run directory, kept and reused by the same recipe (default: a temporary one)")
     p.add_argument("--plot", metavar="PATH", help="also draw the frontiers (cFID against accuracy) into a PNG")
     p.add_argument("--rank", nargs="+", metavar="DIR", help="no training or sampling: rank the rows kept in these "
@@ -160,6 +163,11 @@ def write_record(out, record):
     os.replace(tmp, os.path.join(out, RECORD))
 
 
+def device_flag(args):
+    """--device for a GPU; nothing on the CPU, so runs kept before the option existed are still this recipe's."""
+    return [] if args.device == "cpu" else ["--device", args.device]
+
+
 def train_once(args, flags, out):
     """The run's record: trained now, or read back from a finished run in `out` trained by the same
     command (the run directory itself may be spelled differently)."""
@@ -167,6 +175,7 @@ def train_once(args, flags, out):
                   "--sample-every", str(10 * args.steps), "--ckpt-every", str(args.steps), *flags]
     if args.data_dir:
         train_argv += ["--data-dir", args.data_dir]
+    train_argv += device_flag(args)
     record = read_record(out)
     if record is not None:
         if record["train_argv"] != train_argv:
@@ -199,7 +208,7 @@ def measure(args, out, record, sampler, steps, w, floor):
             return kept
     argv = ["eval", "--checkpoint", os.path.join(out, "checkpoint.npz"), "--n", str(args.n), "--sampler", sampler,
             "--steps", str(steps), "--guidance", str(w), "--guidance-space", args.guidance_space,
-            "--guidance-schedule", args.guidance_schedule, "--seed", str(args.seed), "--json"]
+            "--guidance-schedule", args.guidance_schedule, "--seed", str(args.seed), "--json", *device_flag(args)]
     if args.guidance_interval:
         argv += ["--guidance-interval", args.guidance_interval]
     score, seconds = capture_json(argv)
