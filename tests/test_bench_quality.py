@@ -1,8 +1,12 @@
-"""benchmarks/bench_quality.py: one recipe trained, sampled and scored through the tinyddpm commands."""
+"""benchmarks/bench_quality.py: one recipe trained, then its accuracy/cFID frontier sampled and scored through
+the tinyddpm commands; the kept rows re-ranked and plotted without sampling."""
+import json
 import os
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
 import bench_quality  # noqa: E402
@@ -10,43 +14,118 @@ import bench_quality  # noqa: E402
 SMOKE = ["--preset", "smoke", "--steps", "2", "--n", "4"]
 
 
-def rows(out):
-    """The table's rows, as lists of stripped cells."""
-    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.strip().splitlines()[-2:]]
+def table(out, header):
+    """The rows of the Markdown table whose header starts with ``header``, as lists of stripped cells."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.split("|")[1:-1]])
+    return rows
 
 
-def test_a_recipe_row_with_scores_times_and_the_real_data_floor(offline, capsys):
-    bench_quality.main(SMOKE + ["--samplers", "ddim:2", "--lr-decay", "cosine", "--ema-warmup", "--min-snr-gamma", "5"])
+def test_a_recipe_frontier_with_scores_times_the_real_data_floor_and_its_figure(offline, capsys):
+    bench_quality.main(SMOKE + ["--samplers", "ddim:2", "--guidance-grid", "0,1", "--lr-decay", "cosine",
+                                "--ema-warmup", "--min-snr-gamma", "5"])
     out = capsys.readouterr().out
-    name, sampler, fid, accuracy, confidence, entropy, train_s, sample_s, floor = rows(out)[-1]
-    assert name == "--min-snr-gamma 5.0 --lr-decay cosine --ema-warmup" and sampler == "ddim 2"
-    assert float(fid) > float(floor) >= 0 and accuracy.endswith("%") and 0 < float(confidence) <= 1
-    assert "4 MNIST training images" in out
+    grid = table(out, "| recipe | sampler |")
+    assert [row[3] for row in grid] == ["0", "1"]
+    name, sampler, guidance, _, fid, accuracy, confidence, entropy, sample_s = grid[-1]
+    assert name == "--min-snr-gamma 5.0 --lr-decay cosine --ema-warmup" and sampler == "ddim 2" and guidance == "w"
+    assert float(fid) > 0 and accuracy.endswith("%") and 0 < float(confidence) <= 1 and float(sample_s) >= 0
+    assert "from 4 MNIST training images" in out
+    (summary,) = table(out, "| recipe · sampler · guidance |")
+    assert summary[0] == f"{name} · ddim 2" and summary[1] == "4"
+    floor = float(out.split("floor ")[1].split()[0])
+    assert float(summary[6]) == pytest.approx(floor, abs=0.01) and float(fid) > floor >= 0
 
 
-def test_a_kept_run_is_sampled_again_by_several_samplers_without_retraining(offline, capsys, tmp_path):
+def test_a_kept_run_samples_only_the_rows_it_lacks_and_refuses_another_recipe(offline, capsys, tmp_path, monkeypatch):
     run = str(tmp_path / "run")
-    bench_quality.main(SMOKE + ["--samplers", "ddim:2", "--out", run])
-    first = rows(capsys.readouterr().out)[-1]
-    bench_quality.main(SMOKE + ["--samplers", "ddim:2,dpmpp2m:2", "--out", run])
+    bench_quality.main(SMOKE + ["--samplers", "ddim:2", "--guidance-grid", "0,1", "--out", run])
+    first = table(capsys.readouterr().out, "| recipe | sampler |")
+    evals = []
+    real = bench_quality.capture_json
+
+    def counting(argv):
+        evals.append(argv)
+        return real(argv)
+    monkeypatch.setattr(bench_quality, "capture_json", counting)
+    bench_quality.main(SMOKE + ["--samplers", "ddim:2,dpmpp2m:2", "--guidance-grid", "0,0.5,1", "--out", run,
+                                "--name", "smoke run"])
     captured = capsys.readouterr()
-    again, dpmpp = rows(captured.out)
     assert "reusing the run" in captured.err
-    assert again[1] == "ddim 2" and dpmpp[1] == "dpmpp2m 2"
-    assert again[2:4] == first[2:4] and again[6] == first[6]  # same model, same seed: same scores; train s kept
+    # the floor, then only the rows not kept: ddim w = 0.5 and dpmpp2m at every w
+    sampled = [(argv[argv.index("--sampler") + 1], argv[argv.index("--guidance") + 1]) for argv in evals[1:]]
+    assert sampled == [("ddim", "0.5"), ("dpmpp2m", "0.0"), ("dpmpp2m", "0.5"), ("dpmpp2m", "1.0")]
+    again = table(captured.out, "| recipe | sampler |")
+    assert [r[0] for r in again] == ["smoke run"] * 6
+    assert [again[0][4:6], again[2][4:6]] == [first[0][4:6], first[1][4:6]]  # kept rows: the same scores
+    # guidance in an interval is another frontier of the same model: its rows are sampled anew
+    del evals[:]
+    bench_quality.main(SMOKE + ["--samplers", "ddim:2", "--guidance-grid", "1", "--out", run,
+                                "--guidance-interval", "0.5,inf"])
+    interval_row, = table(capsys.readouterr().out, "| recipe | sampler |")
+    assert interval_row[2] == "σ in [0.5,inf]" and len(evals) == 2
+    assert evals[1][evals[1].index("--guidance-interval") + 1] == "0.5,inf"
+    record = json.loads((tmp_path / "run" / bench_quality.RECORD).read_text())
+    assert len(record["rows"]) == 7 and record["rows"][-1]["interval"] == "0.5,inf"
     with pytest.raises(SystemExit, match="another recipe"):
         bench_quality.main(SMOKE + ["--samplers", "ddim:2", "--out", run, "--min-snr-gamma", "3"])
+
+
+def hand_made_run(directory, name, rows, train_seconds=100.0):
+    os.makedirs(directory)
+    base = {"sampler": "dpmpp2m", "steps": 20, "interval": None, "space": "eps", "schedule": "constant", "n": 5000,
+            "seed": 0, "confidence": 0.99, "class_entropy": 2.3, "sample_seconds": 1.0, "floor": 1.03}
+    record = {"train_argv": ["train"], "train_seconds": train_seconds, "name": name,
+              "rows": [{**base, "guidance": w, "fid": fid, "accuracy": accuracy} for w, fid, accuracy in rows]}
+    with open(os.path.join(directory, bench_quality.RECORD), "w") as f:
+        json.dump(record, f)
+    return str(directory)
+
+
+def test_rank_orders_kept_runs_by_the_interpolated_figure_and_plots_them(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench_quality, "capture_json", lambda argv: pytest.fail("--rank sampled"))
+    # a: crosses 99% 4/5 of the way from w = 0.5 to 1: w* = 0.9, cFID 10 + 0.8·(30 − 10) = 26; on the grid 30 at 1
+    a = hand_made_run(tmp_path / "a", "a", [(1.0, 30.0, 0.995), (0.0, 14.0, 0.90), (0.5, 10.0, 0.97),
+                                            (1.5, 50.0, 0.999)])
+    b = hand_made_run(tmp_path / "b", "b", [(0.0, 8.0, 0.991), (1.0, 20.0, 1.0)])  # w = 0 is enough already
+    c = hand_made_run(tmp_path / "c", "c", [(0.0, 5.0, 0.5), (1.0, 9.0, 0.9)])     # never reaches 99%
+    plot = tmp_path / "frontier.png"
+    bench_quality.main(["--rank", a, b, c, "--plot", str(plot)])
+    rows = table(capsys.readouterr().out, "| recipe · sampler · guidance |")
+    assert [row[0] for row in rows] == ["b · dpmpp2m 20", "a · dpmpp2m 20", "c · dpmpp2m 20"]
+    assert rows[0][2:6] == ["8.00", "0 (grid)", "8.00", "0 (grid)"]
+    assert rows[1][2:6] == ["26.00", "0.9", "30.00", "1 (grid)"]
+    assert rows[2][2:6] == ["none", "-", "none", "-"]
+    assert rows[1][6:] == ["1.03", "100"]
+    picture = Image.open(plot)
+    assert picture.format == "PNG" and picture.size[0] > 500 and np.asarray(picture).std() > 0
+    with pytest.raises(SystemExit, match="no bench_quality.json"):
+        bench_quality.main(["--rank", str(tmp_path)])
 
 
 def test_recipe_names_the_defaults_and_spells_every_flag():
     assert bench_quality.recipe(bench_quality.parse_args([])) == ([], "tiny defaults")
     off = bench_quality.parse_args(["--min-snr-gamma", "0", "--lr-decay", "constant", "--no-ema-warmup"])
     assert bench_quality.recipe(off)[0] == ["--min-snr-gamma", "0.0", "--lr-decay", "constant", "--no-ema-warmup"]
+    levers = bench_quality.parse_args(["--prediction", "v", "--schedule", "cosine", "--zero-terminal-snr",
+                                       "--channels", "48", "--channel-mult", "1,2", "--num-res-blocks", "2",
+                                       "--ema-decay", "0.999", "--ema-sigma-rel", "0.1"])
+    assert bench_quality.recipe(levers)[0] == ["--prediction", "v", "--schedule", "cosine", "--zero-terminal-snr",
+                                               "--channels", "48", "--channel-mult", "1,2", "--num-res-blocks", "2",
+                                               "--ema-decay", "0.999", "--ema-sigma-rel", "0.1"]
+    assert bench_quality.parse_args([]).guidance_grid == [0.0, 0.25, 0.5, 0.75, 1.0, 1.5]
     with pytest.raises(SystemExit):
         bench_quality.parse_args(["--lr-decay", "linear"])
 
 
-@pytest.mark.parametrize("text", ["ddim", "ddim:x", "euler:20", "ddim:0"])
-def test_a_bad_sampler_list_is_refused(text):
+@pytest.mark.parametrize("argv", [["--samplers", "ddim"], ["--samplers", "ddim:x"], ["--samplers", "euler:20"],
+                                  ["--samplers", "ddim:0"], ["--guidance-grid", "0,x"], ["--guidance-grid", "-1"],
+                                  ["--guidance-interval", "5,1"], ["--guidance-space", "v"]])
+def test_bad_options_are_refused_before_any_training(argv):
     with pytest.raises(SystemExit):
-        bench_quality.parse_args(["--samplers", text])
+        bench_quality.parse_args(argv)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tinyddpm import checkpoint, cli, diffusion, train
+from tinyddpm import checkpoint, cli, diffusion, optim, train
 
 FAST = ["--preset", "smoke", "--batch-size", "8", "--timesteps", "50"]
 
@@ -75,14 +75,10 @@ def test_resume_continues_exactly(tmp_path):
     np.testing.assert_array_equal(a["losses"], b["losses"])
 
 
-def test_resume_continues_exactly_with_the_recipe_options(tmp_path, capsys):
-    # cosine lr, EMA warm-up and Min-SNR weights all depend on the step: a resume must land on the same bits
-    recipe = ["--lr-decay", "cosine", "--ema-warmup", "--min-snr-gamma", "5"]
-    args = [*FAST, *recipe, "--sample-every", "1000", "--ckpt-every", "1000", "--steps", "4"]
+def assert_a_stopped_run_resumes_exactly(tmp_path, args, config):
+    """`tinyddpm train args` run through into a/, and the same run (``config``) stopped after step 2 (as by
+    Ctrl-C) and resumed from its checkpoint in b/, end on the same bits."""
     assert cli.main(["train", *args, "--out", str(tmp_path / "a")]) == 0
-    # the same run stopped after step 2 (as by Ctrl-C), then resumed from its checkpoint
-    config = train.TrainConfig.for_preset("smoke", batch_size=8, timesteps=50, lr_decay="cosine", ema_warmup=True,
-                                          min_snr_gamma=5.0, steps=4, sample_every=1000, ckpt_every=1000)
     stopped = train.Trainer(config, str(tmp_path / "b"), log=lambda m: None)
     for _ in range(2):
         stopped.losses.append(stopped.train_step())
@@ -93,10 +89,49 @@ def test_resume_continues_exactly_with_the_recipe_options(tmp_path, capsys):
         for key in a[part]:
             np.testing.assert_array_equal(a[part][key], b[part][key], err_msg=f"{part}/{key}")
     np.testing.assert_array_equal(a["losses"], b["losses"])
+
+
+def test_resume_continues_exactly_with_the_recipe_options(tmp_path, capsys):
+    # cosine lr, EMA warm-up and Min-SNR weights all depend on the step: a resume must land on the same bits
+    recipe = ["--lr-decay", "cosine", "--ema-warmup", "--min-snr-gamma", "5"]
+    args = [*FAST, *recipe, "--sample-every", "1000", "--ckpt-every", "1000", "--steps", "4"]
+    config = train.TrainConfig.for_preset("smoke", batch_size=8, timesteps=50, lr_decay="cosine", ema_warmup=True,
+                                          min_snr_gamma=5.0, steps=4, sample_every=1000, ckpt_every=1000)
+    assert_a_stopped_run_resumes_exactly(tmp_path, args, config)
     capsys.readouterr()
     # the cosine decay is planned over --steps: extending the run would change it, so it is refused
     assert cli.main(["train", *FAST, *recipe, "--steps", "6", "--out", str(tmp_path / "b"), "--resume"]) == 2
     assert "steps" in capsys.readouterr().err
+
+
+LEVERS = ["--prediction", "v", "--schedule", "cosine", "--zero-terminal-snr", "--channels", "8",
+          "--channel-mult", "1,2", "--num-res-blocks", "2", "--ema-sigma-rel", "0.1"]
+
+
+def test_resume_continues_exactly_with_the_recipe_levers_and_sampling_rebuilds_their_network(tmp_path, capsys):
+    # v-prediction on a zero-terminal-SNR cosine schedule with Min-SNR (the default recipe's), another U-Net
+    # shape and the power EMA, whose decay depends on the step: a resume must land on the same bits
+    args = [*FAST, *LEVERS, "--sample-every", "1000", "--ckpt-every", "1000", "--steps", "4"]
+    config = train.TrainConfig.for_preset("smoke", batch_size=8, timesteps=50, prediction="v", schedule="cosine",
+                                          zero_terminal_snr=True, base_channels=8, channel_mults=(1, 2),
+                                          blocks_per_level=2, ema_power=optim.sigma_rel_to_gamma(0.1), steps=4,
+                                          sample_every=1000, ckpt_every=1000)
+    assert_a_stopped_run_resumes_exactly(tmp_path, args, config)
+    ckpt = str(tmp_path / "a" / "checkpoint.npz")
+    model, diffusion_, saved = train.load_model(ckpt)
+    assert saved == config and diffusion_.alphas_cumprod[-1] == 0 and diffusion_.prediction == "v"
+    assert (model.config.base_channels, model.config.channel_mults, model.config.blocks_per_level) == (8, (1, 2), 2)
+    for sampler in ("ddpm", "ddim", "dpmpp2m"):  # every sampler from pure noise at SNR 0, with interval guidance
+        npz = tmp_path / f"{sampler}.npz"
+        assert cli.main(["sample", "--checkpoint", ckpt, "--n", "2", "--sampler", sampler, "--steps", "3",
+                         "--guidance-interval", "0.5,inf", "--guidance-space", "x0", "--guidance-schedule", "rising",
+                         "--out", str(tmp_path / "g.png"), "--npz", str(npz)]) == 0
+        with np.load(npz) as f:
+            assert f["images"].shape == (2, 28, 28)
+    capsys.readouterr()
+    # another U-Net cannot continue these weights
+    assert cli.main(["train", *args, "--channels", "16", "--out", str(tmp_path / "b"), "--resume"]) == 2
+    assert "the U-Net" in capsys.readouterr().err
 
 
 def test_a_checkpoint_from_before_the_recipe_options_reads_as_the_2020_recipe():
@@ -110,6 +145,11 @@ def test_a_checkpoint_from_before_the_recipe_options_reads_as_the_2020_recipe():
     ([], dict(min_snr_gamma=5.0, lr_decay="cosine", ema_warmup=True)),  # the default recipe
     (["--min-snr-gamma", "0", "--lr-decay", "constant", "--no-ema-warmup"], train.RECIPE_OFF),
     (["--no-ema-warmup"], dict(min_snr_gamma=5.0, lr_decay="cosine", ema_warmup=False)),
+    ([], dict(zero_terminal_snr=False, ema_power=None, base_channels=None, channel_mults=None, blocks_per_level=None)),
+    (["--prediction", "v", "--zero-terminal-snr", "--channels", "24", "--channel-mult", "1,2", "--num-res-blocks", "3",
+      "--ema-power", "6.94"],
+     dict(zero_terminal_snr=True, base_channels=24, channel_mults=(1, 2), blocks_per_level=3, ema_power=6.94)),
+    (["--ema-sigma-rel", "0.05"], dict(ema_power=pytest.approx(16.97, abs=5e-3))),
 ])
 def test_recipe_flags_reach_the_training_config(flags, expected, monkeypatch):
     seen = {}
@@ -207,6 +247,18 @@ def bad_inputs(trained, tmp_path):
         "out is a directory": (["sample", "--checkpoint", ckpt, "--out", str(tmp_path)], "cannot write"),
         "unwritable trajectory": (["trajectory", "--checkpoint", ckpt, "--out", "/proc/t.png"], "cannot write"),
         "eta above 1": (["sample", "--checkpoint", ckpt, "--eta", "2"], "--eta"),
+        "interval not two numbers": (["sample", "--checkpoint", ckpt, "--guidance-interval", "0.5"], "LO,HI"),
+        "interval upside down": (["eval", "--checkpoint", ckpt, "--guidance-interval", "5,1"], "LO <= HI"),
+        "interval below 0": (["trajectory", "--checkpoint", ckpt, "--guidance-interval=-1,2"], "0 <= LO"),
+        "unknown guidance space": (["sample", "--checkpoint", ckpt, "--guidance-space", "v"], "--guidance-space"),
+        "unknown guidance schedule": (["sample", "--checkpoint", ckpt, "--guidance-schedule", "cosine"], "cosine"),
+        "zero terminal SNR with eps": (["train", *FAST, "--zero-terminal-snr"], "--prediction v"),
+        "width the group norm cannot split": (["train", *FAST, "--channels", "10"], "num_groups"),
+        "channel-mult not numbers": (["train", *FAST, "--channel-mult", "1,x"], "--channel-mult"),
+        "channel-mult zero": (["train", *FAST, "--channel-mult", "1,0"], "at least 1"),
+        "too many levels for 28 pixels": (["train", *FAST, "--channel-mult", "1,1,1,1"], "divisible"),
+        "sigma_rel too wide": (["train", *FAST, "--ema-sigma-rel", "0.5"], "--ema-sigma-rel"),
+        "both power EMA spellings": (["train", *FAST, "--ema-power", "3", "--ema-sigma-rel", "0.1"], "not allowed"),
         "cuda without a GPU": (["sample", "--checkpoint", ckpt, "--device", "cuda"], "cuda"),
         "no command": ([], "command"),
     }

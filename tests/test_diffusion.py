@@ -8,7 +8,7 @@ import gaussian_reference as ref
 import tinyddpm as td
 from tinyddpm.diffusion import GaussianDiffusion, discretized_gaussian_log_likelihood, normal_kl
 from tinyddpm.nn import Parameter
-from tinyddpm.schedules import cosine_betas, linear_betas
+from tinyddpm.schedules import cosine_betas, linear_betas, rescale_zero_terminal_snr
 
 TABLES = ["betas", "alphas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
           "sqrt_one_minus_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
@@ -73,7 +73,8 @@ def test_fixed_large_uses_beta_except_the_clipped_first_step():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"betas": [0.1]}, "at least 2"), ({"betas": [[0.1, 0.2]]}, "1-D"), ({"betas": [0.1, 1.0]}, r"\(0, 1\)"),
+    ({"betas": [0.1]}, "at least 2"), ({"betas": [[0.1, 0.2]]}, "1-D"), ({"betas": [1.0, 0.1]}, r"\(0, 1\)"),
+    ({"betas": [0.1, 1.5]}, r"\(0, 1\]"), ({"betas": [0.1, 1.0]}, "zero terminal SNR"),
     ({"betas": [0.0, 0.1]}, r"\(0, 1\)"), ({"betas": [0.1, 0.2], "prediction": "noise"}, "unknown prediction"),
     ({"betas": [0.1, 0.2], "variance": "learned"}, "unknown variance")])
 def test_invalid_arguments_are_rejected(kwargs, message):
@@ -358,6 +359,48 @@ def test_sample_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GaussianDiffusion(linear_betas(30)).sample(model, (2, 1, 2, 2), progress=False,
                                                    rng=np.random.default_rng(0), **kwargs)
+
+
+# ---- a zero terminal SNR (Lin et al. 2024): ᾱ_{T−1} = 0, λ_{T−1} = −∞ ----------------------------------------
+def test_a_zero_terminal_snr_schedule_has_finite_tables_and_an_infinite_last_noise_level():
+    d = GaussianDiffusion(rescale_zero_terminal_snr(linear_betas(40)), prediction="v")
+    assert d.alphas_cumprod[-1] == 0 and d.sqrt_one_minus_alphas_cumprod[-1] == 1
+    assert d.log_snr_half(39) == -math.inf and math.isfinite(d.log_snr_half(38))
+    assert d.noise_levels[-1] == math.inf and np.isfinite(d.noise_levels[:-1]).all()
+    for name in TABLES + ["posterior_log_variance_clipped", "model_log_variance"]:
+        assert np.isfinite(getattr(d, name)).all(), name
+    with pytest.raises(ValueError, match="needs prediction 'v' or 'x0'"):
+        GaussianDiffusion(rescale_zero_terminal_snr(linear_betas(40)))
+
+
+def test_the_log_snr_grid_of_a_zero_terminal_snr_schedule_starts_from_pure_noise():
+    d = GaussianDiffusion(rescale_zero_terminal_snr(linear_betas(1000)), prediction="v")
+    lam = np.array([d.log_snr_half(t) for t in range(999)])  # the finite ones
+    grid = d.log_snr_timesteps(10)
+    assert grid[0] == 999 and grid[-1] == 0 and len(grid) == 10 and (np.diff(grid) < 0).all()
+    np.testing.assert_allclose(np.diff(lam[grid[1:]]), (lam[0] - lam[998]) / 9, rtol=0.2)
+    assert list(d.log_snr_timesteps(1)) == [999]
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+@pytest.mark.parametrize("sampler, steps", [("ddpm", None), ("ddim", 7), ("dpmpp2m", 7), ("dpmpp2m", 1)])
+def test_sampling_a_zero_terminal_snr_schedule_with_the_exact_predictor_recovers_x0(prediction, sampler, steps):
+    betas = rescale_zero_terminal_snr(cosine_betas(25))
+    x0 = data_levels((2, 1, 3, 3), seed=4)
+    d = GaussianDiffusion(betas, prediction=prediction)
+    model = Oracle(betas, x0, prediction, num_classes=10)
+    x = d.sample(model, x0.shape, y=np.array([1, 2]), guidance=1.0, sampler=sampler, steps=steps, progress=False,
+                 rng=np.random.default_rng(5), dtype=np.float64)
+    np.testing.assert_allclose(x.data, x0, atol=1e-9)
+
+
+def test_min_snr_v_training_on_a_zero_terminal_snr_schedule_is_finite():
+    """SNR_{T−1} = 0: the v weight min(SNR, γ)/(SNR + 1) is 0 there, and no weight divides by it."""
+    d = GaussianDiffusion(rescale_zero_terminal_snr(cosine_betas(30)), prediction="v")
+    weights = d.min_snr_weights(np.arange(30), 5.0)
+    assert np.isfinite(weights).all() and weights[-1] == 0 and (weights[:-1] > 0).all()
+    loss = d.training_loss(Recorder(), data_levels((8, 1, 2, 2)), min_snr_gamma=5.0, rng=np.random.default_rng(0))
+    assert math.isfinite(loss.item())
 
 
 # ---- the variational bound --------------------------------------------------------------------------------

@@ -244,12 +244,35 @@ def test_choose_guidance_takes_the_best_fid_with_enough_accuracy():
     assert evaluation.choose_guidance(sweep[:1]) is None
 
 
+def test_best_fid_at_accuracy_on_the_grid_and_interpolated_against_a_hand_computed_table():
+    def result(fid, accuracy):
+        return evaluation.Evaluation(n=10, fid=fid, accuracy=accuracy, confidence=0.9, class_entropy=2.3)
+    # accuracy crosses 99% between w = 0.5 (97%) and 1 (99.5%): 4/5 of the way, w* = 0.9, cFID 10 + 0.8·20 = 26
+    sweep = [(1.0, result(30.0, 0.995)), (0.0, result(14.0, 0.90)), (0.5, result(10.0, 0.97)),
+             (1.5, result(50.0, 0.999))]
+    grid = evaluation.best_fid_at_accuracy(sweep, interpolate=False)
+    assert grid == evaluation.OperatingPoint(guidance=1.0, fid=30.0, accuracy=0.995, interpolated=False)
+    between = evaluation.best_fid_at_accuracy(sweep)
+    assert between.interpolated and between.accuracy == 0.99
+    assert between.guidance == pytest.approx(0.9) and between.fid == pytest.approx(26.0)
+    # a w measured at exactly the threshold is on the grid, not a crossing
+    exact = [(0.5, result(12.0, 0.99)), (0.0, result(9.0, 0.95))]
+    assert evaluation.best_fid_at_accuracy(exact) == evaluation.OperatingPoint(0.5, 12.0, 0.99, False)
+    # an accuracy that dips back below the threshold crosses it twice: the better crossing wins
+    dip = [(0.0, result(5.0, 0.98)), (1.0, result(15.0, 1.0)), (2.0, result(25.0, 0.98)), (3.0, result(40.0, 1.0))]
+    assert evaluation.best_fid_at_accuracy(dip).fid == pytest.approx(10.0)
+    assert evaluation.best_fid_at_accuracy(dip).guidance == pytest.approx(0.5)
+    assert evaluation.best_fid_at_accuracy([(0.0, result(5.0, 0.5)), (1.0, result(9.0, 0.9))]) is None
+    assert evaluation.choose_guidance(sweep) == 1.0
+
+
 def test_eval_sweeps_guidance_from_a_checkpoint(untrained_checkpoint, capsys):
     assert cli.main(["eval", "--checkpoint", untrained_checkpoint, "--n", "2", "--steps", "2", "--labels", "3,7",
                      "--sweep-guidance", "0,1.5", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert [row["guidance"] for row in result["sweep"]] == [0.0, 1.5]
     assert all(row["n"] == 2 and row["seconds"] > 0 for row in result["sweep"]) and "chosen" in result
+    assert "interpolated" in result
     assert cli.main(["eval", "--checkpoint", untrained_checkpoint, "--n", "2", "--steps", "1",
                      "--sweep-guidance", "0,1"]) == 0
     table = capsys.readouterr().out

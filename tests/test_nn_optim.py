@@ -148,6 +148,38 @@ def test_ema_warmup_decay():
     assert optim.ema_decay_at(0, 0.995) == 0.995
 
 
+def test_power_ema_decay_against_a_hand_computed_table():
+    # γ = 1: (1 − 1/t)² at updates t = 1, 2, 3, 10
+    assert [optim.ema_decay_at(step, 0.995, power=1.0) for step in (0, 1, 2, 9)] == pytest.approx([0, 1 / 4, 4 / 9, 0.81])
+    assert optim.ema_decay_at(5, 0.995, warmup=True, power=0.0) == pytest.approx(5 / 6)  # the power replaces both
+
+
+def test_power_ema_averages_the_run_with_weights_growing_as_a_power_of_the_step():
+    def average(gamma, updates):
+        m = nn.Linear(1, 1)
+        ema = optim.EMA(m)
+        for step in range(updates):
+            m.weight.data[...] = step + 1.0  # θ_τ = τ
+            ema.update(m, optim.ema_decay_at(step, 0.0, power=gamma))
+        return float(ema.shadow["weight"][0, 0])
+    assert average(0.0, 99) == pytest.approx(50.0, rel=1e-6)  # γ = 0: the plain mean of 1 … 99
+    # γ = 2: ∫ τ³ dτ / ∫ τ² dτ = 3t/4 over 0 … t
+    assert average(2.0, 1000) == pytest.approx(750.0, rel=2e-3)
+
+
+def test_sigma_rel_gives_the_published_exponents():
+    # Karras et al. 2024: σ_rel = 0.05 and 0.10 are γ = 16.97 and 6.94
+    assert optim.sigma_rel_to_gamma(0.05) == pytest.approx(16.97, abs=5e-3)
+    assert optim.sigma_rel_to_gamma(0.10) == pytest.approx(6.94, abs=5e-3)
+    for sigma_rel in (0.02, 0.15, 0.25):
+        g = optim.sigma_rel_to_gamma(sigma_rel)
+        assert (g + 1) / ((g + 2) ** 2 * (g + 3)) == pytest.approx(sigma_rel ** 2, rel=1e-9)
+    assert optim.sigma_rel_to_gamma(optim.MAX_SIGMA_REL) == pytest.approx(0.0, abs=1e-9)
+    for bad in (0.0, 0.3, -0.1):
+        with pytest.raises(ValueError, match="sigma_rel"):
+            optim.sigma_rel_to_gamma(bad)
+
+
 def test_ema_update_with_a_given_decay():
     m = nn.Linear(2, 1)
     ema = optim.EMA(m, 0.9)

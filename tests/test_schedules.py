@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import gaussian_reference as ref
-from tinyddpm.schedules import SCHEDULES, cosine_betas, get_betas, linear_betas, quadratic_betas, sigmoid_betas
+from tinyddpm.schedules import (SCHEDULES, cosine_betas, get_betas, linear_betas, quadratic_betas,
+                                rescale_zero_terminal_snr, sigmoid_betas)
 
 
 def test_linear_at_1000_steps_has_the_ddpm_paper_values():
@@ -98,3 +99,20 @@ def test_cosine_rejects_bad_parameters(kwargs, message):
 def test_unknown_schedule_names_the_choices():
     with pytest.raises(ValueError, match="unknown noise schedule 'cosin'.*linear, cosine, quadratic, sigmoid"):
         get_betas("cosin", 100)
+
+
+def test_zero_terminal_snr_rescaling_against_a_hand_computed_table():
+    # β = 0.1, 0.2, 0.3: √ᾱ = 0.948683, 0.848528, 0.709930; shifted by 0.709930 and scaled by
+    # 0.948683/0.238753: 0.948683, 0.550719, 0; ᾱ' = 0.9, 0.303291, 0; β' = 0.1, 1 − 0.303291/0.9, 1
+    np.testing.assert_allclose(rescale_zero_terminal_snr([0.1, 0.2, 0.3]), [0.1, 0.663010, 1.0], rtol=2e-6)
+
+
+@pytest.mark.parametrize("schedule", [linear_betas, cosine_betas])
+def test_zero_terminal_snr_keeps_the_first_step_and_makes_the_last_pure_noise(schedule):
+    betas = schedule(1000)
+    rescaled = rescale_zero_terminal_snr(betas)
+    root, new_root = np.sqrt(np.cumprod(1 - betas)), np.sqrt(np.cumprod(1 - rescaled))
+    assert rescaled[-1] == 1.0 and new_root[-1] == 0.0 and rescaled[0] == betas[0]
+    assert ((rescaled[:-1] > 0) & (rescaled[:-1] < 1)).all()
+    # √ᾱ' is √ᾱ shifted and scaled: an affine map fixing the first value and sending the last to 0
+    np.testing.assert_allclose(new_root, (root - root[-1]) * root[0] / (root[0] - root[-1]), rtol=1e-9, atol=1e-15)

@@ -14,7 +14,8 @@ from .checkpoint import CheckpointError
 from .data import DataError
 from .device import DeviceError
 from .diffusion import SAMPLERS
-from .optim import LR_DECAYS
+from .guidance import EVERY_NOISE_LEVEL, GUIDANCE_SCHEDULES, GUIDANCE_SPACES, Guidance
+from .optim import LR_DECAYS, MAX_SIGMA_REL, sigma_rel_to_gamma
 from .nn import StateDictError
 from .train import PRESETS
 
@@ -55,6 +56,28 @@ def _float_in(lo, hi, lo_open=False):
             raise argparse.ArgumentTypeError(f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {text}")
         return value
     return parse
+
+
+def parse_interval(text):
+    """'0.3,5' -> (0.3, 5.0): noise levels 0 <= σ_lo <= σ_hi ('inf' for no upper end)."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not two numbers LO,HI (like 0.3,5 or 1,inf)") from None
+    if not 0 <= lo <= hi:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"{text!r}: the noise levels must satisfy 0 <= LO <= HI")
+    return lo, hi
+
+
+def _positive_int_list(text):
+    """'1,2,2' -> (1, 2, 2), each at least 1."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers like 1,2,2") from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"every multiplier must be at least 1, got {text}")
+    return values
 
 
 def parse_labels(text):
@@ -102,8 +125,29 @@ def _add_sampling_args(p, checkpoint=None):
     p.add_argument("--eta", type=_float_in(0, 1), default=0.0, help="DDIM stochasticity η")
     # w = 1: the best classifier-FID with accuracy ≥ 99% in the guidance sweep of docs/quality.md
     p.add_argument("--guidance", type=_float_in(0, 100), default=1.0, help="classifier-free guidance w ≥ 0")
+    _add_guidance_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("cpu", "cuda", "cudasim"), default="cpu")
+
+
+def _add_guidance_args(p):
+    """Where and how --guidance acts (tinyddpm/guidance.py); the defaults are plain guidance."""
+    p.add_argument("--guidance-interval", type=parse_interval, default=None, metavar="LO,HI",
+                   help="guide only at noise levels σ_t = √((1 − ᾱ_t)/ᾱ_t) in [LO, HI], the "
+                        "conditional model elsewhere (Kynkäänniemi et al. 2024); HI may be inf "
+                        "(default: every noise level)")
+    p.add_argument("--guidance-space", choices=GUIDANCE_SPACES, default="eps",
+                   help="combine the network outputs (eps) or the two clipped x0 estimates (x0; the same as eps "
+                        "without clipping) (default: eps)")
+    p.add_argument("--guidance-schedule", choices=GUIDANCE_SCHEDULES, default="constant",
+                   help="w over t = 0…T−1, mean w: constant; rising 2w·t/(T−1) (grows with the noise level); "
+                        "falling 2w·(1 − t/(T−1)) (Wang et al. 2024) (default: constant)")
+
+
+def _guidance(args):
+    """The Guidance the sampling options describe."""
+    return Guidance(args.guidance, args.guidance_interval or EVERY_NOISE_LEVEL, args.guidance_space,
+                    args.guidance_schedule)
 
 
 def _add_batch_size_arg(p):
@@ -137,6 +181,7 @@ def build_parser():
                    help="EMA decay min(ema-decay, (1 + step)/(10 + step)) (default; --no-ema-warmup: constant)")
     t.add_argument("--lr-decay", choices=LR_DECAYS, help="after warmup: cosine to 0 (default) or constant")
     t.add_argument("--min-snr-gamma", type=_float_in(0, 1e6), help="Min-SNR-γ loss weighting (default 5; 0: off)")
+    _add_recipe_lever_args(t)
     t.add_argument("--device", choices=("cpu", "cuda", "cudasim"), default="cpu")
     t.add_argument("--seed", type=int)
     t.add_argument("--sample-every", type=_int_at_least(1))
@@ -184,6 +229,34 @@ def build_parser():
     return parser
 
 
+def _add_recipe_lever_args(t):
+    """The U-Net's shape, a zero terminal SNR and the power EMA (tinyddpm/train.py's TrainConfig)."""
+    t.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction, default=None,
+                   help="rescale the schedule so that ᾱ_{T−1} = 0 (Lin et al. 2024); needs --prediction v "
+                        "or x0 (default: off)")
+    t.add_argument("--channels", type=_int_at_least(1), metavar="N",
+                   help="the U-Net's base width (default: the preset's; tiny 32, smoke 16, base 64)")
+    t.add_argument("--channel-mult", type=_positive_int_list, metavar="M,M,...",
+                   help="width multiplier per resolution level, one halving each (default: the preset's; tiny "
+                        "1,2,2)")
+    t.add_argument("--num-res-blocks", type=_int_at_least(1), metavar="N",
+                   help="ResNet blocks per level (default: the preset's; tiny 1, base 2)")
+    ema = t.add_mutually_exclusive_group()
+    ema.add_argument("--ema-power", type=_float_in(0, 1e6), metavar="GAMMA",
+                     help="power-function EMA: decay (1 − 1/t)^(GAMMA+1) at update t (Karras et al. 2024), in "
+                          "place of --ema-decay and --ema-warmup (default: off)")
+    ema.add_argument("--ema-sigma-rel", type=_float_in(0, MAX_SIGMA_REL, lo_open=True), metavar="S",
+                     help="the power EMA by its relative width σ_rel (0.05: GAMMA 16.97; 0.10: 6.94) (default: off)")
+
+
+def _recipe_lever_overrides(args):
+    """The TrainConfig fields _add_recipe_lever_args's options set (the ones given)."""
+    power = sigma_rel_to_gamma(args.ema_sigma_rel) if args.ema_sigma_rel is not None else args.ema_power
+    return {k: v for k, v in {"zero_terminal_snr": args.zero_terminal_snr, "base_channels": args.channels,
+                              "channel_mults": args.channel_mult, "blocks_per_level": args.num_res_blocks,
+                              "ema_power": power}.items() if v is not None}
+
+
 def _guidance_list(text):
     """'0,0.5,1,2' -> [0.0, 0.5, 1.0, 2.0], each a guidance w in [0, 100]."""
     try:
@@ -207,6 +280,7 @@ def cmd_train(args):
         "ema_warmup": args.ema_warmup, "lr_decay": args.lr_decay, "min_snr_gamma": args.min_snr_gamma,
         "eval_every": args.eval_every, "eval_n": args.eval_n, "sample_steps": args.sample_steps}.items()
         if v is not None}
+    overrides.update(_recipe_lever_overrides(args))
     config = train.TrainConfig.for_preset(args.preset, **overrides)
     out = args.out or os.path.join("runs", args.preset)
     trainer = train.Trainer(config, out, data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr),
@@ -265,9 +339,9 @@ def cmd_trajectory(args):
     label = args.label if args.label is not None else int(rng.integers(10))
     y = np.array([label]) if config.conditional else None
     with no_grad():
-        _, frames = diffusion.sample(model, model.config.image_shape(1), y=y, guidance=args.guidance, sampler=args.sampler,
-                                     steps=None if args.sampler == "ddpm" else args.steps, eta=args.eta, rng=rng,
-                                     return_trajectory=args.frames)
+        _, frames = diffusion.sample(model, model.config.image_shape(1), y=y, guidance=_guidance(args),
+                                     sampler=args.sampler, steps=None if args.sampler == "ddpm" else args.steps,
+                                     eta=args.eta, rng=rng, return_trajectory=args.frames)
     images = np.stack([data.from_model_range(_dev.to_numpy(f.data))[0, 0] for f in frames])
     pictures.save(pictures.grid(images, ncols=len(images), scale=3), args.out)
     print(f"wrote {args.out}: {len(images)} frames from x_T to x_0", file=sys.stderr)
@@ -291,7 +365,7 @@ def _sample_images(args, model, diffusion, config):
             print(f"sampling images {rows.start + 1}-{rows.stop} of {args.n}", file=sys.stderr)
             with no_grad():
                 x = diffusion.sample(model, model.config.image_shape(rows.stop - rows.start),
-                                     y=None if labels is None else labels[rows], guidance=args.guidance,
+                                     y=None if labels is None else labels[rows], guidance=_guidance(args),
                                      sampler=args.sampler, steps=None if args.sampler == "ddpm" else args.steps,
                                      eta=args.eta, rng=rng)
             images[rows] = data.from_model_range(_dev.to_numpy(x.data))[:, 0]
@@ -384,17 +458,25 @@ def _sweep_guidance(args, model, diffusion, config, judge, reference, reference_
         sweep.append((w, evaluation.evaluate(images, labels, judge, reference)))
         seconds.append(time.perf_counter() - t0)
     chosen = evaluation.choose_guidance(sweep)
+    interpolated = evaluation.best_fid_at_accuracy(sweep)
     if args.json:
-        print(json.dumps({"reference": reference_source, "chosen": chosen, "sweep": [
+        print(json.dumps({"reference": reference_source, "chosen": chosen,
+                          "interpolated": interpolated and dataclasses.asdict(interpolated), "sweep": [
             {"guidance": w, **dataclasses.asdict(r), "seconds": s} for (w, r), s in zip(sweep, seconds)]}))
         return 0
-    print(f"n = {args.n} per w, {args.sampler} {args.steps} steps, seed {args.seed}; classifier FID vs {reference_source}")
+    interval = args.guidance_interval
+    where = "every noise level" if interval is None else f"σ_t in [{interval[0]:g}, {interval[1]:g}]"
+    print(f"n = {args.n} per w, {args.sampler} {args.steps} steps, seed {args.seed}, guided at {where} "
+          f"({args.guidance_space} space, {args.guidance_schedule} w); classifier FID vs {reference_source}")
     print("| guidance w | classifier FID | accuracy | confidence | class entropy | sampling s |")
     print("|---:|---:|---:|---:|---:|---:|")
     for (w, r), s in zip(sweep, seconds):
         print(f"| {w:g} | {r.fid:.2f} | {r.accuracy:.2%} | {r.confidence:.4f} | {r.class_entropy:.4f} | {s:.1f} |")
     print(f"chosen: w = {chosen:g} (the best classifier FID with accuracy >= 99%)" if chosen is not None else
           "chosen: none (no w reached accuracy >= 99%)")
+    if interpolated is not None and interpolated.interpolated:
+        print(f"interpolated: classifier FID {interpolated.fid:.2f} at w = {interpolated.guidance:.3f}, where the "
+              "accuracy crosses 99% between two w of the grid")
     return 0
 
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from . import device as _dev
 from . import functional as F
+from .guidance import as_guidance, noise_levels
 from .tensor import Tensor, no_grad
 
 PREDICTIONS = ("eps", "x0", "v")
@@ -74,17 +75,22 @@ class GaussianDiffusion:
     prediction: what the network outputs — "eps" (the noise ε, Ho et al. 2020), "x0" (the clean data) or
     "v" = √ᾱ_t ε − √(1−ᾱ_t) x_0 (Salimans & Ho 2022).
     variance: σ_t² of p_θ(x_{t−1}|x_t) — "fixed_small" β̃_t (the true posterior's) or "fixed_large" β_t
-    (Ho et al. 2020, §3.2: both give similar samples; they are the lower and upper bounds on σ_t²)."""
+    (Ho et al. 2020, §3.2: both give similar samples; they are the lower and upper bounds on σ_t²).
+    The last β may be 1: a zero terminal SNR (ᾱ_{T−1} = 0, ``schedules.rescale_zero_terminal_snr``), where
+    x_{T−1} is pure noise; x̂_0 cannot be read from ε̂ there, so it needs the "v" or "x0" prediction."""
 
     def __init__(self, betas, prediction="eps", variance="fixed_small"):
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or len(betas) < 2:
             raise ValueError(f"betas must be a 1-D schedule of at least 2 steps (the t=0 posterior variance is "
                              f"clipped to the one at t=1), got shape {betas.shape}")
-        if not ((betas > 0) & (betas < 1)).all():
-            raise ValueError("every beta must lie in (0, 1)")
+        if not ((betas[:-1] > 0) & (betas[:-1] < 1)).all() or not 0 < betas[-1] <= 1:
+            raise ValueError("every beta must lie in (0, 1) (the last in (0, 1]: 1 is a zero terminal SNR)")
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}: choose one of {', '.join(PREDICTIONS)}")
+        if betas[-1] == 1 and prediction == "eps":
+            raise ValueError("a zero terminal SNR (beta = 1 at the last step) needs prediction 'v' or 'x0': "
+                             "at SNR 0 the noise prediction says nothing about x_0")
         if variance not in VARIANCES:
             raise ValueError(f"unknown variance {variance!r}: choose one of {', '.join(VARIANCES)}")
         self.prediction, self.variance = prediction, variance
@@ -94,7 +100,8 @@ class GaussianDiffusion:
         self.alphas = 1.0 - betas
         # ᾱ_t in log space, so that 1 − ᾱ_t = −expm1(log ᾱ_t) keeps full precision in the early steps
         # where ᾱ_t ≈ 1 (1.0 − ᾱ_t would cancel to a few significant digits there)
-        log_alphas_cumprod = np.cumsum(np.log1p(-betas))
+        with np.errstate(divide="ignore"):  # log 0 = −∞ at a zero terminal SNR: ᾱ_{T−1} = 0 exactly
+            log_alphas_cumprod = np.cumsum(np.log1p(-betas))
         self.alphas_cumprod = np.exp(log_alphas_cumprod)
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
         self.one_minus_alphas_cumprod = -np.expm1(log_alphas_cumprod)
@@ -102,6 +109,7 @@ class GaussianDiffusion:
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(self.one_minus_alphas_cumprod)
         self.log_one_minus_alphas_cumprod = np.log(self.one_minus_alphas_cumprod)
+        self.noise_levels = noise_levels(self.alphas_cumprod, self.one_minus_alphas_cumprod)  # σ_t of guidance
         self.posterior_variance = betas * one_minus_alphas_cumprod_prev / self.one_minus_alphas_cumprod
         # β̃_0 = 0 (at t = 0, x_{t−1} is the data itself): its log is clipped to log β̃_1, as in the DDPM code
         self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1],
@@ -205,7 +213,9 @@ class GaussianDiffusion:
         t: int (B,) → float64 (B,)."""
         snr = self.alphas_cumprod[t] / self.one_minus_alphas_cumprod[t]
         clipped = np.minimum(snr, gamma)
-        return {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[self.prediction]
+        if self.prediction == "eps":
+            return clipped / snr
+        return clipped if self.prediction == "x0" else clipped / (snr + 1)  # finite at SNR 0 (zero terminal SNR)
 
     def training_loss(self, model, x0, y=None, p_uncond=0.1, min_snr_gamma=0.0, *, rng):
         """Algorithm 1 of Ho et al. 2020: t ~ U{0, …, T−1}, ε ~ N(0, I), loss = ‖target − model(x_t, t, y)‖²
@@ -248,26 +258,43 @@ class GaussianDiffusion:
 
     # ---- the reverse process ----------------------------------------------------------------------------
     def model_x0_eps(self, model, xt, t, y=None, guidance=0.0, clip_x0=True):
-        """(x̂_0, ε̂) at x_t. With guidance w > 0 (classifier-free, Ho & Salimans 2022) the conditional and
-        the null-class predictions go through the network as one batch and
-        ε̂ = (1 + w) ε(x_t, y) − w ε(x_t, ∅). With clip_x0, x̂_0 is clipped to the data range [−1, 1] and
-        ε̂ recomputed from it, so that DDIM stays consistent with the clipped x̂_0."""
+        """(x̂_0, ε̂) at x_t. ``guidance``: a weight w or a ``Guidance``, whose weight w_t at this t
+        (tinyddpm.guidance) is classifier-free guidance (Ho & Salimans 2022). With w_t > 0 the conditional
+        and the null-class predictions go through the network as one batch and are combined as
+        (1 + w_t) · conditional − w_t · null, in one of two spaces:
+          "eps": the network outputs (ε, x_0 or v). Every parameterisation is affine in x_t and the
+                 weights sum to 1, so this is ε̂ = (1 + w) ε(x_t, y) − w ε(x_t, ∅) whichever the network
+                 predicts; combining the outputs themselves never divides by √ᾱ_t (0 at zero terminal SNR).
+          "x0":  the two x̂_0, each clipped to [−1, 1] first when clip_x0. Without clipping this is
+                 algebraically the "eps" combination (again affine, weights summing to 1); with it, the
+                 guided x̂_0 is extrapolated from in-range estimates only.
+        Where w_t = 0 only the conditional prediction is computed. With clip_x0, x̂_0 is clipped to the
+        data range [−1, 1] and ε̂ recomputed from it, so that DDIM stays consistent with the clipped x̂_0."""
         xt = _array(xt)
         batch = xt.shape[0]
         t = self._timesteps(t, batch)
+        guidance = as_guidance(guidance)
+        weights = guidance.weights(self.noise_levels)
         if y is not None:
             null_class = self._num_classes(model)
             y = np.broadcast_to(_dev.to_numpy(y).astype(np.int64), (batch,))
-        if guidance:
+        if weights[t].any():
             if y is None:
                 raise ValueError("classifier-free guidance needs class labels y")
             xp = _dev.array_module(xt)
             both = _array(self._call(model, xp.concatenate([xt, xt]), np.concatenate([t, t]),
                                      np.concatenate([y, np.full(batch, null_class)])))
-            _, eps_cond = self.x0_eps_from_output(both[:batch], xt, t)
-            _, eps_uncond = self.x0_eps_from_output(both[batch:], xt, t)
-            eps = eps_cond * (1.0 + guidance) - eps_uncond * guidance
-            x0 = self.predict_x0_from_eps(xt, t, eps)
+            # (1 + w) and w each rounded once from float64, as Python-float factors were
+            plus_one, w = self._coef(1.0 + weights, t, xt), self._coef(weights, t, xt)
+            if guidance.space == "eps":
+                x0, eps = self.x0_eps_from_output(both[:batch] * plus_one - both[batch:] * w, xt, t)
+            else:
+                x0_cond, _ = self.x0_eps_from_output(both[:batch], xt, t)
+                x0_null, _ = self.x0_eps_from_output(both[batch:], xt, t)
+                if clip_x0:
+                    x0_cond, x0_null = xp.clip(x0_cond, -1.0, 1.0), xp.clip(x0_null, -1.0, 1.0)
+                x0 = x0_cond * plus_one - x0_null * w
+                eps = self.predict_eps_from_x0(xt, t, x0)
         else:
             x0, eps = self.x0_eps_from_output(self._call(model, xt, t, y), xt, t)
         if clip_x0:
@@ -316,8 +343,13 @@ class GaussianDiffusion:
         return x_prev
 
     def log_snr_half(self, t):
-        """λ_t = log(α_t/σ_t) = ½ log(ᾱ_t/(1 − ᾱ_t)), the half log-SNR DPM-Solver steps in; +∞ at t = −1."""
-        return math.inf if t < 0 else 0.5 * (math.log(self.alphas_cumprod[t]) - math.log(self.one_minus_alphas_cumprod[t]))
+        """λ_t = log(α_t/σ_t) = ½ log(ᾱ_t/(1 − ᾱ_t)), the half log-SNR DPM-Solver steps in; +∞ at t = −1,
+        −∞ where ᾱ_t = 0 (zero terminal SNR)."""
+        if t < 0:
+            return math.inf
+        if self.alphas_cumprod[t] == 0:
+            return -math.inf
+        return 0.5 * (math.log(self.alphas_cumprod[t]) - math.log(self.one_minus_alphas_cumprod[t]))
 
     def dpmpp_2m_step(self, model, xt, t, t_prev, history=None, y=None, guidance=0.0, clip_x0=True):
         """One step t → t_prev of DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2), a second-order
@@ -326,7 +358,8 @@ class GaussianDiffusion:
             x_prev = (σ_prev/σ_t) x_t − α_prev (e^{−h} − 1) D̃,
             D̃ = (1 + 1/(2r)) D_t − 1/(2r) D_before,  r = h_before/h
         (D̃ = D_t on the first step, and on the last, where σ_prev = 0 and x_prev = D_t). ``history`` is
-        the (D, h) the previous step returned; returns (x_prev, (D_t, h))."""
+        the (D, h) the previous step returned; returns (x_prev, (D_t, h)). From ᾱ_t = 0 (zero terminal
+        SNR: λ_t = −∞, h = ∞) the step is x_prev = σ_prev x_t + α_prev D_t, and 1/(2r) = 0 on the next."""
         xt = _array(xt)
         x0, _ = self.model_x0_eps(model, xt, t, y, guidance, clip_x0)
         if t_prev < 0:
@@ -352,13 +385,17 @@ class GaussianDiffusion:
         al. 2022, their choice for low-resolution images), each rounded to the nearest discrete t and kept
         once where several round to the same t (near t = 0 with many steps; the grid is then shorter). The
         uniform-t grid would take its largest λ step (≈ 3.6 of 9.7 at 10 steps, linear schedule) into t = 0,
-        where the second-order extrapolation of DPM-Solver++(2M) overshoots."""
+        where the second-order extrapolation of DPM-Solver++(2M) overshoots. With a zero terminal SNR
+        (λ_{T−1} = −∞) the grid is spread over the finite λ, from λ_{T−2}, and starts at T−1 instead."""
         if not 1 <= steps <= self.num_timesteps:
             raise ValueError(f"DPM-Solver++ steps must lie in [1, {self.num_timesteps}], got {steps}")
         lam = np.array([self.log_snr_half(t) for t in range(self.num_timesteps)])  # decreasing in t
-        targets = np.linspace(lam[-1], lam[0], steps)
-        nearest = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1)
-        return np.unique(nearest)[::-1]
+        finite = lam[np.isfinite(lam)]
+        targets = np.linspace(finite[-1], finite[0], steps)
+        nearest = np.abs(finite[None, :] - targets[:, None]).argmin(axis=1)
+        grid = np.unique(nearest)[::-1]
+        grid[0] = self.num_timesteps - 1  # sampling starts from pure noise, at the last step
+        return grid
 
     def sample(self, model, shape, y=None, guidance=0.0, sampler="ddpm", steps=None, eta=0.0, clip_x0=True,
                progress=True, *, rng, return_trajectory=0, x_T=None, dtype=np.float32):
@@ -368,7 +405,8 @@ class GaussianDiffusion:
         sampler "ddim": Song et al. 2021 over ``steps`` evenly spaced timesteps (default T), noise scale η.
         sampler "dpmpp2m": DPM-Solver++(2M) (Lu et al. 2022) over ``steps`` timesteps evenly spaced in
         log-SNR (``log_snr_timesteps``, default T), deterministic.
-        guidance w: ε̂ = (1 + w) ε(x_t, y) − w ε(x_t, ∅) (needs labels y, one per sample).
+        guidance: a weight w, ε̂ = (1 + w) ε(x_t, y) − w ε(x_t, ∅) (needs labels y, one per sample), or a
+        ``tinyddpm.guidance.Guidance`` (an interval of noise levels, a schedule in t, the space).
         Returns the final x_0 as a Tensor; with return_trajectory = k ≥ 2, also a list of k Tensors
         evenly spaced along the chain from x_T to x_0 (both included; fewer if the chain is shorter)."""
         if sampler not in SAMPLERS:

@@ -211,12 +211,41 @@ def evaluate(images, labels=None, judge=None, reference=None):
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class OperatingPoint:
+    """A guidance w of the accuracy/cFID frontier with its scores; ``interpolated``: read off the straight
+    line between two measured w, not measured itself."""
+    guidance: float
+    fid: float
+    accuracy: float
+    interpolated: bool
+
+
+def best_fid_at_accuracy(sweep, min_accuracy=0.99, interpolate=True):
+    """The OperatingPoint with the lowest classifier-FID among those whose accuracy is at least
+    ``min_accuracy``, from a sweep [(w, Evaluation), ...]; None when none reaches it.
+
+    Guidance buys class fidelity with diversity, so the figure of merit is the least fidelity that is
+    enough. Without ``interpolate`` the candidates are the measured w. With it, also each point where the
+    accuracy crosses min_accuracy between neighbouring w of the sorted grid, with w and cFID linear in
+    the accuracy a between them:  w* = w_i + (a* − a_i)/(a_{i+1} − a_i) · (w_{i+1} − w_i), cFID likewise."""
+    rows = sorted((w, r.fid, r.accuracy) for w, r in sweep if r.accuracy is not None)
+    candidates = [OperatingPoint(w, fid, accuracy, False) for w, fid, accuracy in rows if accuracy >= min_accuracy]
+    if interpolate:
+        for (w0, fid0, a0), (w1, fid1, a1) in zip(rows, rows[1:]):
+            if (a0 - min_accuracy) * (a1 - min_accuracy) < 0:  # strictly on either side: a crossing
+                share = (min_accuracy - a0) / (a1 - a0)
+                candidates.append(OperatingPoint(w0 + share * (w1 - w0), fid0 + share * (fid1 - fid0),
+                                                 min_accuracy, True))
+    return min(candidates, key=lambda p: p.fid, default=None)
+
+
 def choose_guidance(sweep, min_accuracy=0.99):
-    """The guidance w of a sweep [(w, Evaluation), ...] with the lowest classifier-FID among those whose
-    accuracy is at least ``min_accuracy`` (guidance buys class fidelity with diversity: take the least
-    fidelity that is enough); None when no w reaches it."""
-    good = [(result.fid, w) for w, result in sweep if result.accuracy is not None and result.accuracy >= min_accuracy]
-    return min(good)[1] if good else None
+    """The measured guidance w of a sweep [(w, Evaluation), ...] with the lowest classifier-FID among those
+    whose accuracy is at least ``min_accuracy`` (``best_fid_at_accuracy`` on the grid); None when no w
+    reaches it."""
+    point = best_fid_at_accuracy(sweep, min_accuracy, interpolate=False)
+    return None if point is None else point.guidance
 
 
 def reference_statistics(judge, images):

@@ -1,5 +1,5 @@
 """Optimisers and training helpers: Adam/AdamW, global-norm clipping, EMA of parameters (with an optional
-warm-up), the learning-rate schedule (warmup, then constant or cosine).
+warm-up, or a power-function profile), the learning-rate schedule (warmup, then constant or cosine).
 
 All of them update flat buffers (``FlatParameters``): the parameters of one dtype and device are
 views into one contiguous array and their gradients views into a second, so every update below is a
@@ -221,8 +221,31 @@ def learning_rate(step, base_lr, warmup_steps, total_steps=None, decay="constant
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def ema_decay_at(step, decay, warmup=False):
+def ema_decay_at(step, decay, warmup=False, power=None):
     """The EMA decay for update ``step`` (0-based): ``decay``, or with warmup min(decay, (1 + step)/(10 + step))
     (the warm-up of TensorFlow's ExponentialMovingAverage with num_updates), so the average forgets
-    the random initialisation within the first few hundred steps instead of ~1/(1 − decay) of them."""
+    the random initialisation within the first few hundred steps instead of ~1/(1 − decay) of them.
+
+    With ``power`` γ ≥ 0 (which then replaces decay and warmup): the power-function EMA of Karras et al. 2024
+    ("Analyzing and Improving the Training Dynamics of Diffusion Models", §3.1), β_t = (1 − 1/t)^(γ+1) at
+    update t = step + 1 (0 at the first: the average starts at the first weights). The average then follows
+    ∫₀ᵗ τ^γ θ_τ dτ / ∫₀ᵗ τ^γ dτ, every update so far weighted by τ^γ (γ = 0: exactly their plain mean), so
+    its width grows with the run instead of being a fixed number of steps. A function of the step alone:
+    a resumed run continues it exactly."""
+    if power is not None:
+        return (1.0 - 1.0 / (step + 1)) ** (power + 1)
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
+MAX_SIGMA_REL = math.sqrt(1 / 12)  # the power EMA's σ_rel at γ = 0, a plain average of every update
+
+
+def sigma_rel_to_gamma(sigma_rel):
+    """The exponent γ ≥ 0 of the power EMA whose averaging profile has relative standard deviation σ_rel
+    (Karras et al. 2024, §3.1): σ_rel² = (γ + 1) / ((γ + 2)² (γ + 3)), i.e. the largest real root of
+    γ³ + 7γ² + (16 − σ_rel⁻²) γ + (12 − σ_rel⁻²) = 0 (σ_rel 0.05 → γ ≈ 16.97, 0.10 → γ ≈ 6.94)."""
+    if not 0 < sigma_rel <= MAX_SIGMA_REL:
+        raise ValueError(f"the power EMA's sigma_rel lies in (0, {MAX_SIGMA_REL:.4f}] (gamma >= 0), got {sigma_rel}")
+    inverse_square = sigma_rel ** -2
+    roots = np.roots([1.0, 7.0, 16.0 - inverse_square, 12.0 - inverse_square])
+    return float(max(0.0, roots[np.abs(roots.imag) < 1e-9].real.max()))

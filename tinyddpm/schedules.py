@@ -74,6 +74,22 @@ def cosine_betas(T, s=0.008, max_beta=0.999):
     return _checked("cosine", np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], max_beta))
 
 
+def rescale_zero_terminal_snr(betas):
+    """Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1):
+    shift and scale √ᾱ_t so that the last is 0 and the first keeps its value,
+        √ᾱ'_t = (√ᾱ_t − √ᾱ_{T−1}) · √ᾱ_0 / (√ᾱ_0 − √ᾱ_{T−1}),   β'_t = 1 − ᾱ'_t/ᾱ'_{t−1}  (β'_0 = β_0),
+    so x_{T−1} is pure noise, as sampling from N(0, I) assumes (a schedule ending at ᾱ_{T−1} > 0 leaks
+    √ᾱ_{T−1} of the data's low frequencies into training that sampling never sees). The last β' is 1:
+    only the "v" or "x0" prediction can be trained and sampled with it."""
+    betas = np.asarray(betas, dtype=np.float64)
+    if len(betas) < 2:
+        raise ValueError("a zero terminal SNR needs a schedule of at least 2 steps")
+    root = np.sqrt(np.cumprod(1.0 - betas))
+    root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+    alphas_cumprod = root ** 2
+    return np.append(betas[0], 1.0 - alphas_cumprod[1:] / alphas_cumprod[:-1])
+
+
 SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas, "quadratic": quadratic_betas,
              "sigmoid": sigmoid_betas}
 

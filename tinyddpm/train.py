@@ -13,13 +13,15 @@ from . import checkpoint, data, optim, pictures
 from . import device as _dev
 from . import random as _random
 from .diffusion import GaussianDiffusion
-from .schedules import get_betas
+from .schedules import get_betas, rescale_zero_terminal_snr
 from .tensor import Tensor, no_grad
 from .unet import UNet, UNetConfig
 
 
 # The 2020 recipe (Ho et al.): what a checkpoint written before these options existed was trained with.
-RECIPE_OFF = dict(min_snr_gamma=0.0, lr_decay="constant", ema_warmup=False)
+RECIPE_OFF = dict(min_snr_gamma=0.0, lr_decay="constant", ema_warmup=False, ema_power=None, zero_terminal_snr=False,
+                  base_channels=None, channel_mults=None, blocks_per_level=None)
+UNET_FIELDS = ("base_channels", "channel_mults", "blocks_per_level")  # None: the preset's U-Net
 
 
 @dataclass(frozen=True)
@@ -42,12 +44,28 @@ class TrainConfig:
     ema_warmup: bool = True         # decay min(ema_decay, (1 + step)/(10 + step))
     lr_decay: str = "cosine"        # after warmup: "constant" or "cosine" (to 0 at `steps`)
     min_snr_gamma: float = 5.0      # Min-SNR-γ loss weighting (Hang et al. 2023); 0: off
+    ema_power: float | None = None  # γ of a power-function EMA (Karras et al. 2024) in place of the two above
+    zero_terminal_snr: bool = False  # the schedule rescaled so that ᾱ_{T−1} = 0 (Lin et al. 2024): v or x0 only
+    base_channels: int | None = None     # the U-Net's width and depth (UNetConfig's fields of these names);
+    channel_mults: tuple | None = None   # None: the preset's
+    blocks_per_level: int | None = None
     seed: int = 0
     sample_every: int = 500
     ckpt_every: int = 250
     sample_steps: int = 25          # DDIM steps for the periodic sample grids (and the evaluations)
     eval_every: int = 0             # cFID and accuracy of the EMA model every N steps (0: off) ...
     eval_n: int = 200               # ... on this many samples, balanced over the digits
+
+    def __post_init__(self):
+        """Refuse what cannot train, before any data is read (the messages name the command-line flags)."""
+        if self.channel_mults is not None:
+            object.__setattr__(self, "channel_mults", tuple(self.channel_mults))  # JSON gives a list
+        if self.zero_terminal_snr and self.prediction == "eps":
+            raise ValueError("--zero-terminal-snr needs --prediction v (or x0): at SNR 0 the noise says "
+                             "nothing about the image")
+        if self.ema_power is not None and self.ema_power < 0:
+            raise ValueError(f"--ema-power is a gamma >= 0, got {self.ema_power}")
+        self.unet_config()  # a width the group norm cannot split, or too many levels for the image size
 
     @classmethod
     def from_json(cls, text):
@@ -61,7 +79,9 @@ class TrainConfig:
         return cls(preset=name, **{**PRESETS[name].train, **overrides})
 
     def unet_config(self):
-        return dataclasses.replace(PRESETS[self.preset].unet, num_classes=10 if self.conditional else 0)
+        """The preset's U-Net with this run's width and depth where given, 10 classes when conditional."""
+        shape = {name: getattr(self, name) for name in UNET_FIELDS if getattr(self, name) is not None}
+        return dataclasses.replace(PRESETS[self.preset].unet, num_classes=10 if self.conditional else 0, **shape)
 
 
 EVAL_IMAGE_SIZE = 28  # --eval-every: the image size the judge reads
@@ -101,8 +121,16 @@ def build(config):
     unet_cfg = config.unet_config()
     model = UNet(unet_cfg)
     ema_model = UNet(unet_cfg).eval()  # eval: sampling must not draw dropout masks from the training RNG
-    diffusion = GaussianDiffusion(get_betas(config.schedule, config.timesteps), prediction=config.prediction)
-    return model, ema_model, diffusion
+    return model, ema_model, make_diffusion(config)
+
+
+def make_diffusion(config):
+    """The GaussianDiffusion a TrainConfig trains and samples: its schedule (rescaled to a zero terminal SNR
+    when asked) and its prediction."""
+    betas = get_betas(config.schedule, config.timesteps)
+    if config.zero_terminal_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    return GaussianDiffusion(betas, prediction=config.prediction)
 
 
 class RunExistsError(ValueError):
@@ -180,8 +208,11 @@ class Trainer:
         state = load_checkpoint(self.checkpoint_path)
         saved = TrainConfig.from_json(state["config"])
         changed = [f.name for f in dataclasses.fields(TrainConfig)
-                   if f.name not in ("steps", "sample_every", "ckpt_every", "sample_steps", "eval_every", "eval_n")
+                   if f.name not in ("steps", "sample_every", "ckpt_every", "sample_steps", "eval_every", "eval_n",
+                                     *UNET_FIELDS)
                    and getattr(saved, f.name) != getattr(self.config, f.name)]
+        if UNetConfig(**json.loads(state["unet_config"])) != self.config.unet_config():  # the net, however spelled
+            changed.append("the U-Net (--channels, --channel-mult, --num-res-blocks)")
         if self.config.lr_decay == "cosine" and saved.steps != self.config.steps:
             changed.append("steps (the cosine decay is planned over the run's --steps)")
         if changed:
@@ -213,7 +244,7 @@ class Trainer:
         optim.clip_grad_norm(self.opt.params, cfg.grad_clip)
         self.opt.lr = optim.learning_rate(self.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_decay)
         self.opt.step()
-        self.ema.update(self.model, optim.ema_decay_at(self.step, cfg.ema_decay, cfg.ema_warmup))
+        self.ema.update(self.model, optim.ema_decay_at(self.step, cfg.ema_decay, cfg.ema_warmup, cfg.ema_power))
         self.step += 1
         return loss.item()
 
@@ -312,5 +343,4 @@ def load_model(path, use_ema=True):
         model.load_state_dict(state["ema" if use_ema else "model"])
     except ValueError as e:
         raise checkpoint.CheckpointError(f"checkpoint {path!r}: {e}") from None
-    diffusion = GaussianDiffusion(get_betas(config.schedule, config.timesteps), prediction=config.prediction)
-    return model.eval(), diffusion, config
+    return model.eval(), make_diffusion(config), config
