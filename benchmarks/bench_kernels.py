@@ -9,7 +9,7 @@ op             any of tinyddpm.kernels.OPS (default: all)
                per-launch time, a launch-overhead row (an empty kernel with as many array arguments),
                and % of the peak measured in the same run (CuPy matmul FLOP/s, device-copy bandwidth)
 --sim          only validate, in numba's CUDA simulator on tiny shapes (no GPU needed)
---compile-only only compile every kernel to PTX and print registers / shared memory
+--compile-only only compile every kernel to PTX and print registers / shared memory (the `ptx` extra)
 --list         print each op's version table: the idea of each version and the command that runs it
 Shapes default to the `tiny` U-Net preset at batch 64 (each kernel module's BENCH.shapes).
 """
@@ -19,6 +19,8 @@ import sys
 
 from _common import empty_kernel, measured_peak, median_time, time_launches
 
+from tinyddpm.device import require_gpu
+from tinyddpm.extras import MissingExtraError, exit_code
 from tinyddpm.kernels import OPS, load_bench
 
 
@@ -35,6 +37,8 @@ def parse_args(argv=None):
     unknown = set(args.ops) - set(OPS)
     if unknown:
         p.error(f"unknown op {sorted(unknown)[0]!r}: choose from {', '.join(OPS)}")
+    if args.compile_only and args.sim:
+        p.error("--compile-only needs numba's real compiler, which the simulator (--sim) replaces")
     args.ops = args.ops or list(OPS)
     return args, p.error
 
@@ -61,7 +65,7 @@ def validate_in_simulator(bench, versions):
                 print(f"{bench.name:15s} {v.name:10s} {direction:8s} {shape_label(shape):32s} ok (simulator)")
 
 
-def run_bench(bench, versions, args):
+def run_bench(bench, versions, args, twins):
     import numpy as np
 
     from tinyddpm.kernels._bench import DIRECTIONS, to_host, validate
@@ -75,7 +79,7 @@ def run_bench(bench, versions, args):
             return time_launches(fn, repeats, on_gpu=True)
     else:
         xp, timer = np, median_time
-    torch_twin = _torch_twin(bench.name, on_gpu)
+    torch_twin = twins.op_timer(bench.name, on_gpu) if twins else None
     how = f"per launch over {args.repeats} back-to-back launches" if on_gpu else f"median of {args.repeats}"
     print(f"\n## {bench.name} ({'GPU' if on_gpu else 'CPU'}), {how}")
     cols = "| version | pass | shape | ms | GFLOP/s | GB/s | vs reference |" + (" % peak |" if on_gpu else "")
@@ -111,15 +115,16 @@ def run_bench(bench, versions, args):
                 print(line)
 
 
-def _torch_twin(name, on_gpu):
-    """time(case, direction, timer, repeats) for the same op in PyTorch, or None without torch."""
+def _torch_twins():
+    """benchmarks/torch_twins.py for the pytorch rows, or None (said in one line) without PyTorch."""
     # idle OpenMP threads of PyTorch must sleep, not spin, or they starve NumPy's BLAS threads
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
-        import torch_twins  # benchmarks/torch_twins.py (imports torch): PyTorch is never a dependency of the library
-    except ImportError:
+        import torch_twins  # imports torch: PyTorch is never a dependency of the library
+    except MissingExtraError as e:
+        print(f"no pytorch rows: {e}")
         return None
-    return torch_twins.op_timer(name, on_gpu)
+    return torch_twins
 
 
 def main(argv=None):
@@ -141,15 +146,19 @@ def main(argv=None):
     backend = selected[0][1][0].backend
     if args.version and not (args.sim or args.list) and backend != args.device:
         error(f"version {args.version} runs on --device {backend}" + (" (or --sim)" if backend == "cuda" else ""))
+    timing = not (args.list or args.sim)
+    if timing and args.device == "cuda":
+        require_gpu()
+    twins = _torch_twins() if timing else None
     for bench, versions in selected:
         if args.list:
             print_versions(bench, versions)
         elif args.sim:
             validate_in_simulator(bench, versions)
         else:
-            run_bench(bench, versions, args)
+            run_bench(bench, versions, args, twins)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code(main))

@@ -1,9 +1,10 @@
 """Training-step and DDIM-sampling throughput of a preset's U-Net, side by side with PyTorch.
 
     python benchmarks/bench_train.py [--preset tiny] [--device cpu|cuda|cudasim] [--batch-size 16 64 256]
-                                     [--rounds 5] [--steps 2] [--ddim-steps 10]
+                                     [--rounds 5] [--steps 2] [--ddim-steps 10] [--torch | --no-torch]
 
-With PyTorch installed, a twin of the same U-Net (benchmarks/torch_twins.py) gets the same weights;
+With PyTorch installed (or with --torch, which insists on it), a twin of the same U-Net
+(benchmarks/torch_twins.py) gets the same weights;
 its outputs and every parameter gradient must agree with tinyddpm's (relative 1e-4) before anything
 is timed. Each framework runs in a worker process of its own (so peak memory is its own), and the
 parent alternates them round by round (A B, B A, ...) so that background load hits both alike; each
@@ -27,6 +28,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import median_time  # noqa: E402  (benchmarks/_common.py, found through the line above)
 
+from tinyddpm.device import require_gpu  # noqa: E402
+from tinyddpm.extras import MissingExtraError, exit_code, import_torch  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,8 +40,13 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds per batch size (median reported)")
     p.add_argument("--steps", type=int, default=2, help="training steps timed per round")
     p.add_argument("--ddim-steps", type=int, default=10, help="DDIM steps of each timed sampling run")
-    p.add_argument("--no-torch", action="store_true", help="time tinyddpm alone even if PyTorch is installed")
-    return p.parse_args(argv)
+    twin = p.add_mutually_exclusive_group()
+    twin.add_argument("--torch", action="store_true", help="the side-by-side with PyTorch, or an error without it")
+    twin.add_argument("--no-torch", action="store_true", help="time tinyddpm alone even if PyTorch is installed")
+    args = p.parse_args(argv)
+    if args.torch and args.device == "cudasim":
+        p.error("--torch: PyTorch has no CUDA simulator; compare on --device cpu or cuda")
+    return args
 
 
 # ---- the device ----------------------------------------------------------------------------------------
@@ -282,13 +291,17 @@ def check_twin_agrees(args):
 # ---- the parent: alternate, then tabulate ---------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
+    if args.device == "cuda":
+        require_gpu()
     frameworks = ["tinyddpm"]
     if not args.no_torch and args.device != "cudasim":
         try:
-            import torch  # noqa: F401
+            import_torch("the side-by-side with PyTorch")
             frameworks.append("pytorch")
-        except ImportError:
-            print("PyTorch not installed: tinyddpm alone, no side-by-side")
+        except MissingExtraError as e:
+            if args.torch:
+                raise
+            print(f"tinyddpm alone: {e}")
     print(f"preset {args.preset}, device {args.device}, batch sizes {args.batch_size}, {os.cpu_count()} CPU cores; "
           f"{args.rounds} alternating rounds of {args.steps} steps and one {args.ddim_steps}-step DDIM run each")
     print(f"parent threads: {thread_settings()}")
@@ -353,4 +366,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code(main))

@@ -4,11 +4,12 @@ PyTorch is never a dependency of tinyddpm: only the benchmarks (and an optional 
 The twin's parameter names and layouts equal tinyddpm's, so one state dict loads into both.
 """
 import numpy as np
-import torch
-import torch.nn as tnn
-import torch.nn.functional as tf
 
+from tinyddpm.extras import import_torch
 from tinyddpm.unet import timestep_embedding
+
+torch = import_torch("the PyTorch twin (benchmarks/torch_twins.py)")
+tnn, tf = torch.nn, torch.nn.functional
 
 
 class ResBlock(tnn.Module):

@@ -2,10 +2,11 @@
 
     python -m tinyddpm.kernels.ptx [--cc 80 90] [--resources]
 
-Needs no GPU, but must run without ``NUMBA_ENABLE_CUDASIM`` (the simulator has no compiler).
-Registers, spills and static shared memory per kernel come from ``ptxas -v`` assembling the PTX
-for the same architecture (the ptxas of the nvidia-cuda-nvcc wheel in the ``dev`` extra, or one
-on PATH that accepts the PTX version).
+Needs no GPU, but must run without ``NUMBA_ENABLE_CUDASIM`` (the simulator has no compiler), and
+needs CUDA's compiler libraries (NVVM, NVRTC: the ``ptx`` extra, or a GPU extra); without them it
+stops with one line naming the extra. Registers, spills and static shared memory per kernel come
+from ``ptxas -v`` assembling the PTX for the same architecture (the ptxas of the nvidia-cuda-nvcc
+wheel in the ``ptx`` extra, or one on PATH that accepts the PTX version).
 """
 import argparse
 import glob
@@ -15,6 +16,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+
+from tinyddpm.extras import PTX, MissingExtraError, exit_code
 
 from . import OPS, load_bench
 
@@ -28,8 +31,14 @@ def compile_all(ccs=((8, 0), (9, 0))):
     from ._cuda import PTX_KERNELS
     for op in OPS:
         load_bench(op)  # importing an op's module registers its kernels
-    return [(name, cc, compile_ptx(fn, signature, cc=cc)[0])
-            for name, fn, signature in PTX_KERNELS for cc in ccs]
+    from cuda.pathfinder import BitcodeLibNotFoundError, DynamicLibNotFoundError  # numba-cuda's library finder
+    try:
+        return [(name, cc, compile_ptx(fn, signature, cc=cc)[0])
+                for name, fn, signature in PTX_KERNELS for cc in ccs]
+    except (DynamicLibNotFoundError, BitcodeLibNotFoundError) as e:  # e.g. 'Failure finding "libnvrtc.so.13": ...'
+        missing = re.search(r'Failure finding "?([^":\s]+)', str(e))
+        raise MissingExtraError(f"compiling the kernels to PTX needs CUDA's compiler libraries, and "
+                                f"{missing.group(1) if missing else 'NVVM or NVRTC'} is not found here: {PTX}") from e
 
 
 def _ptxas_candidates():
@@ -83,4 +92,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_code(main))

@@ -1,7 +1,10 @@
 """`tinyddpm train / sample / trajectory` end to end on the smoke preset, exact resume, Ctrl-C,
-nothing a user made is lost, and every bad input a new user might try: one line on stderr, exit code 2."""
+nothing a user made is lost (a diverged run included: exit code 3), help that shows every default,
+and every bad input a new user might try: one line on stderr, exit code 2."""
+import argparse
 import dataclasses
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -205,14 +208,19 @@ def test_sim_preset_trains_on_pooled_digits_and_samples(tmp_path):
         assert f["images"].shape == (3, 4, 4)
 
 
-def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
+def interrupting(at):
+    """Trainer.train_step as it is, except that Ctrl-C comes when step `at` + 1 starts."""
     real_step = train.Trainer.train_step
 
-    def interrupted(self):
-        if self.step == 3:
+    def step(self):
+        if self.step == at:
             raise KeyboardInterrupt
         return real_step(self)
-    monkeypatch.setattr(train.Trainer, "train_step", interrupted)
+    return step
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(train.Trainer, "train_step", interrupting(at=3))
     assert cli.main(["train", *FAST, "--steps", "10", "--out", str(tmp_path)]) == 130
     assert int(checkpoint.load(tmp_path / "checkpoint.npz")["step"]) == 3
 
@@ -232,6 +240,8 @@ def bad_inputs(trained, tmp_path):
         "resume with nothing there": (["train", *FAST, "--resume", "--out", str(tmp_path / "empty")], "no checkpoint.npz"),
         "train into a used directory": (["train", *FAST, "--out", str(trained)], "already holds a run"),
         "resume and overwrite": (["train", "--resume", "--overwrite", "--out", str(trained)], "--overwrite"),
+        "resume with another preset": (["train", "--resume", "--preset", "tiny", "--out", str(trained)],
+                                       "--preset smoke, not tiny"),
         "missing checkpoint": (["sample", "--checkpoint", str(tmp_path / "nope.npz")], "does not exist"),
         "corrupt checkpoint": (["sample", "--checkpoint", str(corrupt)], "corrupt"),
         "not a training checkpoint": (["sample", "--checkpoint", str(other)], "not a tinyddpm training checkpoint"),
@@ -292,14 +302,8 @@ def test_overwrite_keeps_the_old_checkpoint_until_the_new_run_finishes(tmp_path,
     args = [*FAST, "--sample-every", "1000", "--ckpt-every", "1000", "--out", str(tmp_path)]
     assert cli.main(["train", *args, "--steps", "2"]) == 0
     old = (tmp_path / "checkpoint.npz").read_bytes()
-    real_step = train.Trainer.train_step
-
-    def interrupted(self):
-        if self.step == 1:
-            raise KeyboardInterrupt
-        return real_step(self)
     with monkeypatch.context() as m:
-        m.setattr(train.Trainer, "train_step", interrupted)
+        m.setattr(train.Trainer, "train_step", interrupting(at=1))
         assert cli.main(["train", *args, "--steps", "3", "--overwrite"]) == 130
     assert (tmp_path / "checkpoint.prev.npz").read_bytes() == old  # the replaced run survives a Ctrl-C
     assert cli.main(["train", *args, "--steps", "3", "--overwrite"]) == 0
@@ -337,3 +341,130 @@ def test_ctrl_c_during_sample_writes_the_finished_batches(trained, tmp_path):
     assert 4 <= n < 1000 and n % 2 == 0 and f"interrupted: {n} of 1000 images" in last and str(npz) in last
     np.testing.assert_array_equal(labels, np.resize(np.arange(10), n))
     assert images.dtype == np.uint8 and Image.open(grid).mode == "L"
+
+
+def test_resume_with_a_lower_lr_changes_the_learning_rate_from_that_step(tmp_path, monkeypatch, capsys):
+    with monkeypatch.context() as m:
+        m.setattr(train.Trainer, "train_step", interrupting(at=2))
+        assert cli.main(["train", *FAST, "--steps", "4", "--out", str(tmp_path)]) == 130
+    used = []
+    real_adam_step = optim.Adam.step
+    monkeypatch.setattr(optim.Adam, "step", lambda self: (used.append(self.lr), real_adam_step(self)))
+    # the command the divergence guard suggests: every setting but --lr is the run's
+    assert cli.main(["train", "--resume", "--out", str(tmp_path), "--lr", "1e-4"]) == 0
+    config = train.TrainConfig.from_json(checkpoint.load(tmp_path / "checkpoint.npz")["config"])
+    assert (config.preset, config.batch_size, config.timesteps, config.lr) == ("smoke", 8, 50, 1e-4)
+    # the warmup (and the cosine decay after it) keep their place: only the base rate is new
+    assert used == [optim.learning_rate(s, 1e-4, config.warmup_steps, 4, "cosine") for s in (2, 3)]
+    assert "learning rate 0.0001 from here (was 0.001)" in capsys.readouterr().err
+
+
+# ---- the divergence guard --------------------------------------------------------------------------
+def test_the_divergence_rule_passes_a_noisy_normal_run_and_stops_a_spike_or_a_nan():
+    # a loss falling from 1 to 0.05 with per-step noise wider than a batch-1 run's (see train.py)
+    rng = np.random.default_rng(0)
+    steps = np.arange(5000)
+    normal = (0.05 + 0.95 * np.exp(-steps / 200)) * rng.lognormal(0.0, 1.0, steps.size)
+    history = []
+    for loss in normal:
+        assert train.divergence(float(loss), history) is None, len(history)
+        history.append(float(loss))
+    level = np.median(history[-train.DIVERGED_WINDOW:])
+    assert train.divergence(0.9 * train.DIVERGED_FACTOR * level, history) is None
+    assert f"over {train.DIVERGED_FACTOR:g}× the median" in train.divergence(1.1 * train.DIVERGED_FACTOR * level,
+                                                                           history)
+    for bad in (float("nan"), float("inf")):
+        assert train.divergence(bad, history) and train.divergence(bad, [])  # from the first step on
+    assert train.divergence(1e6, history[:train.DIVERGED_AFTER - 1]) is None  # too short a history to judge
+    # the first losses of `tinyddpm train --lr 1 --preset smoke`: stopped at the sixth
+    lr_1 = [0.914, 14.84, 27.81, 1.599e4, 4.699e3, 6.825e6]
+    assert [train.divergence(loss, lr_1[:i]) is not None for i, loss in enumerate(lr_1)] == [False] * 5 + [True]
+
+
+def spiking(at, loss):
+    """Trainer.train_step as it is, except that step `at` reports `loss`."""
+    real_step = train.Trainer.train_step
+
+    def step(self):
+        real = real_step(self)
+        return loss if self.step == at else real
+    return step
+
+
+def divergence_line(err):
+    """The guard's line: the last on stderr, the only one of tinyddpm's, no traceback."""
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert [line for line in lines if line.startswith("tinyddpm:")] == lines[-1:], lines
+    return lines[-1]
+
+
+def test_a_diverged_run_stops_with_exit_3_and_leaves_the_run_as_it_was(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"  # not tmp_path itself: the offline fixture puts HOME there
+    args = [*FAST, "--lr-decay", "constant", "--sample-every", "3", "--sample-steps", "1", "--ckpt-every", "3",
+            "--out", str(out)]
+    assert cli.main(["train", *args, "--steps", "3"]) == 0
+    before = run_files(out)
+    capsys.readouterr()
+    # step 6 makes a checkpoint and a grid; they wait for step 7's loss, the first of step 6's weights
+    monkeypatch.setattr(train.Trainer, "train_step", spiking(at=7, loss=1e12))  # finite, as the issue's was
+    assert cli.main(["train", *args, "--steps", "10", "--resume"]) == 3
+    line = divergence_line(capsys.readouterr().err)
+    assert line.startswith("tinyddpm: training diverged at step 7: ")
+    assert f"{out / 'checkpoint.npz'} (step 3) is as it was" in line
+    assert line.endswith(f"tinyddpm train --resume --out {out} --lr 0.0001")
+    assert run_files(out) == before  # checkpoint, grid, loss curve: byte for byte
+
+
+def test_a_run_that_diverges_before_its_first_checkpoint_says_to_start_afresh(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"  # not tmp_path itself: the offline fixture puts HOME there
+    monkeypatch.setattr(train.Trainer, "train_step", spiking(at=2, loss=float("nan")))
+    assert cli.main(["train", *FAST, "--lr", "0.05", "--steps", "10", "--out", str(out)]) == 3
+    line = divergence_line(capsys.readouterr().err)
+    assert "the loss is nan" in line and "no checkpoint was written yet" in line
+    assert line.endswith("start afresh with --overwrite and a lower --lr, e.g. --lr 0.001 (the preset's)")
+    assert list(out.iterdir()) == []
+
+
+def test_the_issues_learning_rate_of_1_is_stopped_within_a_few_steps(tmp_path, capsys):
+    out = tmp_path / "run"
+    # `tinyddpm train --lr 1 --preset smoke` ran to the end with the loss at 1e12 and said `done:`
+    assert cli.main(["train", *FAST, "--lr", "1", "--out", str(out)]) == 3
+    line = divergence_line(capsys.readouterr().err)
+    assert int(line.split("diverged at step ")[1].split(":")[0]) <= 2 * train.DIVERGED_AFTER
+    assert list(out.iterdir()) == []
+
+
+# ---- help that tells ---------------------------------------------------------------------------------
+def subcommands():
+    [sub] = [a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+@pytest.mark.parametrize("name", ["train", "sample", "trajectory", "eval"])
+def test_every_option_has_a_help_line_with_its_default_and_the_help_ends_with_two_examples(name):
+    parser = subcommands()[name]
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        text = formatter._expand_help(action)
+        assert "default" in text or "required" in text, f"{name} {action.option_strings or action.dest}: {text!r}"
+    help_text = parser.format_help()
+    examples = help_text.split("\nexamples:\n")[1].strip().splitlines()
+    assert len(examples) == 2
+    for example in examples:
+        words = shlex.split(example, comments=True)
+        assert words[:2] == ["tinyddpm", name]
+        parser.parse_args(words[2:])  # each example is a valid command
+
+
+def test_a_default_that_comes_from_the_preset_names_each_presets_value():
+    for field in ("steps", "timesteps", "lr"):
+        text = cli._from_preset(field)
+        assert text.startswith("default: from the preset (")
+        groups = dict(part.split(": ") for part in text[len("default: from the preset ("):-1].split("; "))
+        shown = {name: value for names, value in groups.items() for name in names.split(", ")}
+        assert shown == {name: f"{getattr(train.TrainConfig.for_preset(name), field):g}" for name in train.PRESETS}
+    [steps] = [a for a in subcommands()["train"]._actions if "--steps" in a.option_strings]
+    assert steps.help.endswith(cli._from_preset("steps"))

@@ -1,12 +1,14 @@
 """The ``tinyddpm`` command: train, sample, trajectory, eval.
 
 Every mistake a user can make (bad numbers, missing or corrupt files, unwritable paths, no GPU)
-ends in one line on stderr naming the problem and exit code 2, never a traceback.
+ends in one line on stderr naming the problem and exit code 2, never a traceback. A training run
+that diverges (tinyddpm.train.divergence) ends in one line saying how to continue, exit code 3.
 """
 import argparse
 import dataclasses
 import os
 import sys
+import textwrap
 
 import numpy as np
 
@@ -17,7 +19,8 @@ from .diffusion import SAMPLERS
 from .guidance import EVERY_NOISE_LEVEL, GUIDANCE_SCHEDULES, GUIDANCE_SPACES, Guidance
 from .optim import LR_DECAYS, MAX_SIGMA_REL, sigma_rel_to_gamma
 from .nn import StateDictError
-from .train import PRESETS
+from .train import (DIVERGED_AFTER, DIVERGED_FACTOR, DIVERGED_WINDOW, PRESETS, UNET_FIELDS, TrainConfig,
+                    TrainingDiverged)
 
 
 class UsageError(Exception):
@@ -32,6 +35,40 @@ EXPECTED_ERRORS = (UsageError, ValueError, DataError, CheckpointError, StateDict
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         raise UsageError(message)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends in its default (unless it names it already); the description (wrapped
+    by ``_subcommand``) and the examples of the epilog keep their lines."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.required or action.default in (None, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: {'off' if action.default is False else '%(default)s'})"
+
+
+def _subcommand(sub, name, summary, description, examples):
+    """A subcommand whose --help shows each option's default and ends with example commands."""
+    return sub.add_parser(name, help=summary, formatter_class=_HelpFormatter,
+                          description=textwrap.fill(description, 88),
+                          epilog="examples:\n" + "\n".join(f"  {command}" for command in examples))
+
+
+def _from_preset(field):
+    """'default: from the preset (sim: 2; smoke: 60; tiny: 2000; base: 40000)', read from PRESETS;
+    presets that agree share one entry."""
+    by_value = {}
+    for name in PRESETS:
+        config = TrainConfig.for_preset(name)
+        value = getattr(config.unet_config() if field in UNET_FIELDS else config, field)
+        value = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        shown = ("on" if value else "off") if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) \
+            else str(value)
+        by_value.setdefault(shown, []).append(name)
+    if len(by_value) == 1:
+        return f"default: from the preset (all: {next(iter(by_value))})"
+    return "default: from the preset (" + "; ".join(f"{', '.join(names)}: {v}" for v, names in by_value.items()) + ")"
 
 
 def _int_at_least(lo):
@@ -118,16 +155,23 @@ def _add_sampling_args(p, checkpoint=None):
     """The sampler options shared by sample, trajectory and eval (eval's --checkpoint is optional
     and lives in a group, so it passes its own)."""
     (checkpoint or p).add_argument("--checkpoint", required=checkpoint is None,
-                                   help="a checkpoint.npz written by `tinyddpm train`")
+                                   help="a checkpoint.npz written by `tinyddpm train`" +
+                                   (" (required)" if checkpoint is None else " (required unless samples are given)"))
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
                    help="ddpm: all T ancestral steps; ddim: Song et al. 2021; dpmpp2m: DPM-Solver++(2M), Lu et al. 2022")
     p.add_argument("--steps", type=_int_at_least(1), default=50, help="DDIM / DPM-Solver++ steps (DDPM uses all T)")
-    p.add_argument("--eta", type=_float_in(0, 1), default=0.0, help="DDIM stochasticity η")
+    p.add_argument("--eta", type=_float_in(0, 1), default=0.0, help="DDIM stochasticity η (0: deterministic)")
     # w = 1: the best classifier-FID with accuracy ≥ 99% in the guidance sweep of docs/quality.md
-    p.add_argument("--guidance", type=_float_in(0, 100), default=1.0, help="classifier-free guidance w ≥ 0")
+    p.add_argument("--guidance", type=_float_in(0, 100), default=1.0,
+                   help="classifier-free guidance w ≥ 0 (0: none; ignored by an unconditional model)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise: the same seed gives the same images")
     _add_guidance_args(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=("cpu", "cuda", "cudasim"), default="cpu")
+    _add_device_arg(p)
+
+
+def _add_device_arg(p):
+    p.add_argument("--device", choices=("cpu", "cuda", "cudasim"), default="cpu",
+                   help="cpu: NumPy; cuda: CuPy and the CUDA kernels; cudasim: the CUDA kernels in numba's simulator")
 
 
 def _add_guidance_args(p):
@@ -161,70 +205,114 @@ def build_parser():
     parser = _Parser(prog="tinyddpm", description="Train and sample a tiny DDPM on MNIST.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train a U-Net on MNIST (Algorithm 1)")
-    t.add_argument("--preset", choices=list(PRESETS), default="tiny",
-                   help="a row of tinyddpm/train.py's PRESETS table (default tiny: the CPU run)")
-    t.add_argument("--data-dir", help="directory with the MNIST IDX files (else cache, download, embedded subset)")
-    t.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
-    t.add_argument("--steps", type=_int_at_least(1))
-    t.add_argument("--batch-size", type=_int_at_least(1))
-    t.add_argument("--lr", type=_float_in(0, 1, lo_open=True))
-    t.add_argument("--schedule", choices=("linear", "cosine", "quadratic", "sigmoid"))
-    t.add_argument("--timesteps", type=_int_at_least(2))
-    t.add_argument("--prediction", choices=("eps", "x0", "v"))
+    t = _subcommand(sub, "train", "train a U-Net on MNIST (Algorithm 1)",
+                    "Train a U-Net on MNIST (Algorithm 1 of Ho et al. 2020). An option whose default comes from the "
+                    "preset takes the preset's value; with --resume, every option not given keeps the run's value. "
+                    f"A loss that is not finite, or over {DIVERGED_FACTOR:g}× the median of the last "
+                    f"{DIVERGED_WINDOW} losses (checked once {DIVERGED_AFTER} are recorded), stops the run with exit "
+                    "code 3 and the last checkpoint untouched.",
+                    ["tinyddpm train --preset smoke --out runs/smoke",
+                     "tinyddpm train --resume --out runs/smoke --lr 0.0001   # continue a stopped run, at a lower "
+                     "learning rate"])
+    t.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="a row of tinyddpm/train.py's PRESETS table (default: tiny, the CPU run; with --resume: "
+                        "the run's)")
+    t.add_argument("--data-dir", help="directory with the MNIST IDX files (default: the cache, else a download, "
+                                      "else the embedded subset)")
+    t.add_argument("--out", default=None, help="run directory (default: runs/<preset>)")
+    t.add_argument("--steps", type=_int_at_least(1), help=f"training steps; {_from_preset('steps')}")
+    t.add_argument("--batch-size", type=_int_at_least(1), help=f"images per step; {_from_preset('batch_size')}")
+    t.add_argument("--lr", type=_float_in(0, 1, lo_open=True),
+                   help="Adam's peak learning rate, after a linear warmup; with --resume it changes the learning "
+                        f"rate from the resumed step on (warmup and decay keep their place); {_from_preset('lr')}")
+    t.add_argument("--schedule", choices=("linear", "cosine", "quadratic", "sigmoid"),
+                   help=f"the noise schedule β_t; {_from_preset('schedule')}")
+    t.add_argument("--timesteps", type=_int_at_least(2), help=f"diffusion steps T; {_from_preset('timesteps')}")
+    t.add_argument("--prediction", choices=("eps", "x0", "v"),
+                   help=f"what the network predicts: the noise ε, x_0, or v; {_from_preset('prediction')}")
     cond = t.add_mutually_exclusive_group()
-    cond.add_argument("--cond", dest="conditional", action="store_true", default=None, help="class-conditional (default)")
-    cond.add_argument("--uncond", dest="conditional", action="store_false")
-    t.add_argument("--p-uncond", type=_float_in(0, 1))
-    t.add_argument("--ema-decay", type=_float_in(0, 1))
+    cond.add_argument("--cond", dest="conditional", action="store_true", default=None,
+                      help=f"class-conditional (for guidance); {_from_preset('conditional')}")
+    cond.add_argument("--uncond", dest="conditional", action="store_false",
+                      help="unconditional: no labels (default: --cond)")
+    t.add_argument("--p-uncond", type=_float_in(0, 1),
+                   help=f"probability of training on the null class, for guidance; {_from_preset('p_uncond')}")
+    t.add_argument("--ema-decay", type=_float_in(0, 1),
+                   help=f"decay of the weights' exponential moving average; {_from_preset('ema_decay')}")
     t.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
-                   help="EMA decay min(ema-decay, (1 + step)/(10 + step)) (default; --no-ema-warmup: constant)")
-    t.add_argument("--lr-decay", choices=LR_DECAYS, help="after warmup: cosine to 0 (default) or constant")
-    t.add_argument("--min-snr-gamma", type=_float_in(0, 1e6), help="Min-SNR-γ loss weighting (default 5; 0: off)")
+                   help="EMA decay min(ema-decay, (1 + step)/(10 + step)); --no-ema-warmup: constant; "
+                        f"{_from_preset('ema_warmup')}")
+    t.add_argument("--lr-decay", choices=LR_DECAYS,
+                   help=f"after warmup: cosine to 0 at --steps, or constant; {_from_preset('lr_decay')}")
+    t.add_argument("--min-snr-gamma", type=_float_in(0, 1e6),
+                   help=f"Min-SNR-γ loss weighting (0: off); {_from_preset('min_snr_gamma')}")
     _add_recipe_lever_args(t)
-    t.add_argument("--device", choices=("cpu", "cuda", "cudasim"), default="cpu")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--sample-every", type=_int_at_least(1))
-    t.add_argument("--ckpt-every", type=_int_at_least(1))
-    t.add_argument("--sample-steps", type=_int_at_least(1), help="DDIM steps of the sample grids and --eval-every")
+    _add_device_arg(t)
+    t.add_argument("--seed", type=int, help=f"seed of the initial weights, batches and noise; {_from_preset('seed')}")
+    t.add_argument("--sample-every", type=_int_at_least(1), metavar="N",
+                   help=f"every N steps, a grid of samples_<step>.png; {_from_preset('sample_every')}")
+    t.add_argument("--ckpt-every", type=_int_at_least(1), metavar="N",
+                   help=f"every N steps, checkpoint.npz; {_from_preset('ckpt_every')}")
+    t.add_argument("--sample-steps", type=_int_at_least(1),
+                   help=f"DDIM steps of the sample grids and --eval-every; {_from_preset('sample_steps')}")
     t.add_argument("--eval-every", type=_int_at_least(1), metavar="N",
                    help="every N steps, classifier-FID and accuracy of the EMA model: printed, kept in the "
-                        "checkpoint and drawn under the loss curve")
-    t.add_argument("--eval-n", type=_int_at_least(2), help="samples per --eval-every evaluation (default 200)")
+                        "checkpoint and drawn under the loss curve (default: off)")
+    t.add_argument("--eval-n", type=_int_at_least(2),
+                   help=f"samples per --eval-every evaluation; {_from_preset('eval_n')}")
     again = t.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.npz")
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its checkpoint.npz, exactly where it stopped")
     again.add_argument("--overwrite", action="store_true",
-                       help="replace the run in <out> (its checkpoint is kept as checkpoint.prev.npz until "
+                       help="replace the run in --out (its checkpoint is kept as checkpoint.prev.npz until "
                             "the new run finishes)")
 
-    s = sub.add_parser("sample", help="sample a grid of digits from a checkpoint")
+    s = _subcommand(sub, "sample", "sample a grid of digits from a checkpoint",
+                    "Sample digits from a checkpoint into a grid (and --npz); Ctrl-C writes the batches finished "
+                    "so far.",
+                    ["tinyddpm sample --checkpoint runs/tiny/checkpoint.npz --out grid.png",
+                     "tinyddpm sample --checkpoint runs/tiny/checkpoint.npz --labels 3,3,7 --n 30 --sampler dpmpp2m "
+                     "--steps 20 --npz samples.npz"])
     _add_sampling_args(s)
-    s.add_argument("--n", type=_int_at_least(1), default=64)
+    s.add_argument("--n", type=_int_at_least(1), default=64, help="how many images")
     s.add_argument("--labels", default="0-9", help="digits to draw, cycled: a range 0-9 or a list 3,3,7")
-    s.add_argument("--out", default="grid.png")
-    s.add_argument("--npz", default=None, help="also write images (N,28,28) uint8 and labels (N,) int64")
+    s.add_argument("--out", default="grid.png", help="the grid, a .png")
+    s.add_argument("--npz", default=None,
+                   help="also write images (N,28,28) uint8 and labels (N,) int64 to this .npz (default: none)")
     _add_batch_size_arg(s)
 
-    tr = sub.add_parser("trajectory", help="a strip of one digit emerging from noise (x_T … x_0)")
+    tr = _subcommand(sub, "trajectory", "a strip of one digit emerging from noise (x_T … x_0)",
+                     "One digit emerging from noise: --frames images from x_T to x_0, as one strip.",
+                     ["tinyddpm trajectory --checkpoint runs/tiny/checkpoint.npz --label 7",
+                      "tinyddpm trajectory --checkpoint runs/tiny/checkpoint.npz --sampler ddpm --frames 12 "
+                      "--out ddpm.png"])
     _add_sampling_args(tr)
-    tr.add_argument("--label", type=int, choices=range(10), default=None)
-    tr.add_argument("--frames", type=_int_at_least(2), default=10)
-    tr.add_argument("--out", default="trajectory.png")
+    tr.add_argument("--label", type=int, choices=range(10), default=None, metavar="{0-9}",
+                    help="the digit (default: one drawn from --seed)")
+    tr.add_argument("--frames", type=_int_at_least(2), default=10, help="frames from x_T to x_0")
+    tr.add_argument("--out", default="trajectory.png", help="the strip, a .png")
 
-    e = sub.add_parser("eval", help="score samples with the MNIST judge: classifier-FID, accuracy, confidence")
+    e = _subcommand(sub, "eval", "score samples with the MNIST judge: classifier-FID, accuracy, confidence",
+                    "Score a samples .npz, or samples drawn now from --checkpoint, with the shipped MNIST judge: "
+                    "classifier-FID, accuracy, confidence, class entropy.",
+                    ["tinyddpm eval samples.npz",
+                     "tinyddpm eval --checkpoint runs/tiny/checkpoint.npz --n 1000 --sweep-guidance 0,0.5,1,2"])
     source = e.add_mutually_exclusive_group(required=True)
-    source.add_argument("samples", nargs="?", help="a .npz written by `tinyddpm sample --npz`")
+    source.add_argument("samples", nargs="?",
+                        help="a .npz written by `tinyddpm sample --npz` (required unless --checkpoint is given)")
     _add_sampling_args(e, checkpoint=source)
     e.add_argument("--n", type=_int_at_least(2), default=1000, help="how many images to sample")
     e.add_argument("--labels", default="0-9", help="digits to sample, cycled: a range 0-9 or a list 3,3,7")
     _add_batch_size_arg(e)
     e.add_argument("--bpd", type=_int_at_least(1), metavar="N",
-                   help="also the checkpoint's bits/dim on N real MNIST test images (the variational bound)")
+                   help="also the checkpoint's bits/dim on N real MNIST test images, the variational bound "
+                        "(default: off)")
     e.add_argument("--ref-data", metavar="DIR", help="MNIST IDX directory: recompute the reference statistics "
-                   "from its held-out training images (and read --bpd's test images there first)")
+                   "from its held-out training images and read --bpd's test images there first (default: the "
+                   "shipped statistics)")
     e.add_argument("--sweep-guidance", type=_guidance_list, metavar="W,W,...",
                    help="with --checkpoint: sample and score once per guidance w (same seed each time) and name the "
-                   "w with the best classifier-FID among those with accuracy >= 99%%")
+                   "w with the best classifier-FID among those with accuracy >= 99%% (default: off)")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
@@ -235,12 +323,11 @@ def _add_recipe_lever_args(t):
                    help="rescale the schedule so that ᾱ_{T−1} = 0 (Lin et al. 2024); needs --prediction v "
                         "or x0 (default: off)")
     t.add_argument("--channels", type=_int_at_least(1), metavar="N",
-                   help="the U-Net's base width (default: the preset's; tiny 32, smoke 16, base 64)")
+                   help=f"the U-Net's base width; {_from_preset('base_channels')}")
     t.add_argument("--channel-mult", type=_positive_int_list, metavar="M,M,...",
-                   help="width multiplier per resolution level, one halving each (default: the preset's; tiny "
-                        "1,2,2)")
+                   help=f"width multiplier per resolution level, one halving each; {_from_preset('channel_mults')}")
     t.add_argument("--num-res-blocks", type=_int_at_least(1), metavar="N",
-                   help="ResNet blocks per level (default: the preset's; tiny 1, base 2)")
+                   help=f"ResNet blocks per level; {_from_preset('blocks_per_level')}")
     ema = t.add_mutually_exclusive_group()
     ema.add_argument("--ema-power", type=_float_in(0, 1e6), metavar="GAMMA",
                      help="power-function EMA: decay (1 − 1/t)^(GAMMA+1) at update t (Karras et al. 2024), in "
@@ -281,14 +368,22 @@ def cmd_train(args):
         "eval_every": args.eval_every, "eval_n": args.eval_n, "sample_steps": args.sample_steps}.items()
         if v is not None}
     overrides.update(_recipe_lever_overrides(args))
-    config = train.TrainConfig.for_preset(args.preset, **overrides)
-    out = args.out or os.path.join("runs", args.preset)
+    if args.resume:
+        config = train.resumed_config(args.out, args.preset, **overrides)
+    else:
+        config = train.TrainConfig.for_preset(args.preset or "tiny", **overrides)
+    out = args.out or os.path.join("runs", config.preset)
     trainer = train.Trainer(config, out, data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr),
                             resume=args.resume, overwrite=args.overwrite)
     try:
         trainer.run()
     except KeyboardInterrupt:
         return 130
+    except TrainingDiverged as stop:
+        if os.environ.get("TINYDDPM_DEBUG"):
+            raise
+        print(f"tinyddpm: {stop}", file=sys.stderr)
+        return 3
     return 0
 
 

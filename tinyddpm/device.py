@@ -9,6 +9,8 @@
 import ctypes
 import ctypes.util
 import os
+import re
+import subprocess
 import sys
 
 import numpy as np
@@ -29,7 +31,7 @@ def set_device(name):
     if name == "cudasim":
         _enable_simulator()
     elif name == "cuda":
-        _require_gpu()
+        require_gpu()
     _device = name
 
 
@@ -55,17 +57,46 @@ def _enable_simulator():
         numba.config.ENABLE_CUDASIM = 1
 
 
-def _require_gpu():
+def require_gpu():
+    """Raise DeviceError, in one line that says what to do, unless device 'cuda' can run here."""
     if _numba_cuda_mode() == "simulator" or os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
         raise DeviceError("device 'cuda' is unavailable: numba's CUDA simulator is enabled "
                           "(unset NUMBA_ENABLE_CUDASIM)")
     try:
         import cupy
         available = cupy.is_available()
-    except Exception as e:  # ImportError, or a CUDA runtime that fails to load
+    except ModuleNotFoundError as e:
+        if e.name.split(".")[0] != "cupy":
+            raise DeviceError(f"device 'cuda' needs CuPy and a CUDA GPU: {e}") from None
+        raise DeviceError(f"device 'cuda' needs CuPy, which is not installed: {cuda_install()}") from None
+    except Exception as e:  # a CuPy that fails to load its CUDA runtime
         raise DeviceError(f"device 'cuda' needs CuPy and a CUDA GPU: {e}") from None
     if not available:
         raise DeviceError("device 'cuda' needs a CUDA GPU, but CuPy finds none usable here")
+
+
+def driver_cuda_version():
+    """The "CUDA Version" nvidia-smi prints (the newest CUDA the driver runs), e.g. "12.8"; None without
+    nvidia-smi or a driver it can talk to."""
+    try:
+        run = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"CUDA Version:\s*(\d+)\.(\d+)", run.stdout)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def cuda_install():
+    """The pip command of the GPU extra for this machine's driver (setup.cfg: cuda12 or cuda13, by the
+    CUDA version nvidia-smi prints), or why there is none to pick."""
+    version = driver_cuda_version()
+    if version is None:
+        return ('nvidia-smi finds no NVIDIA driver here; on a GPU machine: pip install -e ".[cuda12]" or '
+                '".[cuda13]", by the "CUDA Version" nvidia-smi prints')
+    shown = f"CUDA {version[0]}.{version[1]}"
+    if version[0] < 12:
+        return f"nvidia-smi reports {shown}, and the GPU extras need a driver for CUDA 12 or newer"
+    return f'pip install -e ".[cuda{min(version[0], 13)}]" (nvidia-smi reports {shown})'
 
 
 def is_cupy(a):

@@ -1,7 +1,8 @@
 """Training on MNIST (Algorithm 1 of DDPM) with Adam, EMA, gradient clipping, LR warmup,
-periodic sample grids, a loss curve and atomic, exactly-resumable checkpoints."""
+periodic sample grids, a loss curve, atomic, exactly-resumable checkpoints and a divergence guard."""
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -137,6 +138,83 @@ class RunExistsError(ValueError):
     """The output directory already holds a run that starting afresh would overwrite."""
 
 
+def run_checkpoint(out_dir):
+    """The checkpoint.npz of the run in ``out_dir``, which --resume continues (CheckpointError if none)."""
+    path = os.path.join(out_dir, "checkpoint.npz")
+    if not os.path.isfile(path):
+        raise checkpoint.CheckpointError(f"--resume: there is no checkpoint.npz in {out_dir!r} to continue")
+    return path
+
+
+def resumed_config(out_dir, preset=None, **overrides):
+    """What ``train --resume`` continues with: the config stored in ``out_dir``'s checkpoint, with the
+    options given on the command line (``overrides``) on top; an option not given keeps the run's value."""
+    saved = TrainConfig.from_json(load_checkpoint(run_checkpoint(out_dir))["config"])
+    if preset not in (None, saved.preset):
+        raise ValueError(f"--resume: the run in {out_dir!r} was trained with --preset {saved.preset}, not {preset}")
+    return dataclasses.replace(saved, **overrides)
+
+
+# Settings a resumed run may change: they decide what is written and when, or (lr) the size of the
+# steps from the resumed step on (the warmup and decay keep their place: lr(step) = new base lr × the
+# same factor); every other setting would make the resumed run a different one.
+CHANGEABLE_ON_RESUME = ("lr", "steps", "sample_every", "ckpt_every", "sample_steps", "eval_every", "eval_n")
+
+
+# ---- the divergence guard ----------------------------------------------------------------------
+# A step's loss says training diverged when it is not finite, or when it is more than
+# DIVERGED_FACTOR times the median of the last DIVERGED_WINDOW losses (of all of them while fewer were
+# recorded), once DIVERGED_AFTER losses exist. Why these numbers, from runs of the smoke preset on the
+# full MNIST (the per-step losses of Trainer.train_step, each over the median of the 50 before it):
+# - Normal runs stay far below 1000×. With the default recipe (Min-SNR-5, warmup, cosine decay), from
+#   the sixth step on: batch 32, 1000 steps: at most 1.8×; batch 8: 2.4× (3.3× without Min-SNR, 2.4×
+#   predicting x0 or v). Batch 1 is the noisiest a run can be (one image, one t a step: the loss of a
+#   t near 0, where ε is hard to see, against the median of all t): 16.7× in 1500 steps, and 67×
+#   without Min-SNR (a loss of 0.74 over a median of 0.011; the median keeps falling as training
+#   goes on, so this ratio grows), so 10× or 100× would stop batch-1 runs. In the warmup the loss
+#   falls: over steps 6-50 no loss is above 2.6× the median before it.
+# - Diverged runs pass 1000× within a few steps of leaving. `--lr 1`: 0.91, 14.8, 27.8, 1.6e4, 4.7e3,
+#   6.8e6, ..., 1e12 by step 15 and near it for a hundred steps: by step 51 the median of the last 50
+#   is itself 1e12, so a guard that waited for 50 losses would never fire; after 5 it stops the run at
+#   step 6 (245000× the median); the tiny preset at `--lr 1` at step 10 (6.4e5). `--lr 0.1` climbs
+#   from 42 at step 15 to 6.3e3 at step 27 (stopped there) and 1e4 by step 31; `--lr 0.03` trains.
+DIVERGED_FACTOR, DIVERGED_WINDOW, DIVERGED_AFTER = 1000.0, 50, 5
+
+
+def divergence(loss, history):
+    """Why ``loss`` (this step's) says training diverged, given the losses of the steps before it; None
+    when it does not. The median of the recent losses is the level: a few outliers in the window do not
+    move it, and while training goes well the loss only falls below it."""
+    if not math.isfinite(loss):
+        return f"the loss is {loss}"
+    if len(history) < DIVERGED_AFTER:
+        return None
+    recent = history[-DIVERGED_WINDOW:]
+    level = float(np.median(recent))
+    if loss > DIVERGED_FACTOR * level:
+        return f"the loss {loss:.3g} is over {DIVERGED_FACTOR:g}× the median {level:.3g} of the last {len(recent)}"
+    return None
+
+
+class TrainingDiverged(Exception):
+    """The divergence guard stopped a run; the message is one line saying how to continue."""
+
+    def __init__(self, step, reason, out_dir, saved_step, config):
+        self.step, self.saved_step = step, saved_step
+        preset_lr = TrainConfig.for_preset(config.preset).lr
+        # the preset's rate when the run's was above it, else a tenth: low enough not to blow up the same way
+        lower, which = ((preset_lr, "the preset's") if config.lr > preset_lr else
+                        (config.lr / 10, "a tenth of this run's"))
+        if saved_step is None:
+            advice = (f"no checkpoint was written yet: start afresh with --overwrite and a lower --lr, e.g. "
+                      f"--lr {lower:g} ({which})")
+        else:
+            advice = (f"{os.path.join(out_dir, 'checkpoint.npz')} (step {saved_step}) is as it was: continue from it "
+                      f"with a lower --lr ({which}): tinyddpm train --resume --out {out_dir} --lr {lower:g}")
+        super().__init__(f"training diverged at step {step}: {reason}; nothing of the diverged run was saved; "
+                         f"{advice}")
+
+
 def holds_run(out_dir):
     """Whether ``out_dir`` has anything ``train`` writes (a checkpoint, sample grids, the loss curve)."""
     return os.path.isdir(out_dir) and any(
@@ -148,7 +226,8 @@ class Trainer:
     """One training run in ``out_dir``. A directory that already holds a run is never written over
     silently: ``resume=True`` continues it; ``overwrite=True`` starts afresh but keeps the old
     checkpoint as ``checkpoint.prev.npz`` until the new run has finished; otherwise RunExistsError,
-    raised before any work."""
+    raised before any work. A diverged run (``divergence``) stops with TrainingDiverged and writes
+    nothing more: the checkpoint on disk stays the last one whose weights gave a sound loss."""
 
     def __init__(self, config, out_dir, data_dir=None, log=print, resume=False, overwrite=False):
         self.config, self.out_dir, self.log = config, out_dir, log
@@ -156,8 +235,8 @@ class Trainer:
             raise ValueError(f"--eval-every needs {EVAL_IMAGE_SIZE}×{EVAL_IMAGE_SIZE} images for the judge; "
                              f"preset {config.preset!r} makes {config.unet_config().image_size}×"
                              f"{config.unet_config().image_size}")
-        if resume and not os.path.isfile(self.checkpoint_path):
-            raise checkpoint.CheckpointError(f"--resume: there is no checkpoint.npz in {out_dir!r} to continue")
+        if resume:
+            run_checkpoint(out_dir)
         if not resume and not overwrite and holds_run(out_dir):
             raise RunExistsError(f"{out_dir!r} already holds a run: continue it with --resume --out {out_dir}, "
                                  f"or train into a new --out (--overwrite replaces it)")
@@ -178,6 +257,7 @@ class Trainer:
         self.ema = optim.EMA(self.model, config.ema_decay)
         self.opt = optim.Adam(self.model.parameters(), lr=config.lr)
         self.step, self.losses = 0, []
+        self.saved_step = None  # the step of the checkpoint on disk that this run wrote or resumed from
         self.evals, self._judge = [], None  # [(step, cFID, accuracy)] of --eval-every; the judge, loaded once
         if resume:
             self.resume()
@@ -193,7 +273,16 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self):
-        checkpoint.save(self.checkpoint_path, {
+        self.write(self.state())
+
+    def write(self, state):
+        """Write a ``state()`` to the checkpoint file."""
+        checkpoint.save(self.checkpoint_path, state)
+        self.saved_step = int(state["step"])
+
+    def state(self):
+        """Everything a checkpoint holds, as host copies: the run can go on while it waits to be written."""
+        return {
             "format": "tinyddpm-checkpoint-v1",
             "config": json.dumps(dataclasses.asdict(self.config)),
             "unet_config": json.dumps(self.config.unet_config().to_dict()),
@@ -202,14 +291,13 @@ class Trainer:
             "evals": np.asarray(self.evals, dtype=np.float64).reshape(-1, 3),
             "rng": json.dumps(self.rng.bit_generator.state), "init_rng": json.dumps(_random.get_state()),
             "device_rng": json.dumps(_random.get_device_state()),
-        })
+        }
 
     def resume(self):
         state = load_checkpoint(self.checkpoint_path)
         saved = TrainConfig.from_json(state["config"])
         changed = [f.name for f in dataclasses.fields(TrainConfig)
-                   if f.name not in ("steps", "sample_every", "ckpt_every", "sample_steps", "eval_every", "eval_n",
-                                     *UNET_FIELDS)
+                   if f.name not in (*CHANGEABLE_ON_RESUME, *UNET_FIELDS)
                    and getattr(saved, f.name) != getattr(self.config, f.name)]
         if UNetConfig(**json.loads(state["unet_config"])) != self.config.unet_config():  # the net, however spelled
             changed.append("the U-Net (--channels, --channel-mult, --num-res-blocks)")
@@ -221,12 +309,14 @@ class Trainer:
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optim"])
         self.step, self.losses = int(state["step"]), list(state["losses"])
+        self.saved_step = self.step
         self.evals = [tuple(row) for row in state.get("evals", ())]  # checkpoints from before --eval-every: none
         self.rng.bit_generator.state = json.loads(state["rng"])
         _random.set_state(json.loads(state["init_rng"]))
         if "device_rng" in state:  # checkpoints from before dropout drew on the device have none
             _random.set_device_state(json.loads(state["device_rng"]))
-        self.log(f"resumed from {self.checkpoint_path} at step {self.step}")
+        lr = "" if saved.lr == self.config.lr else f"; learning rate {self.config.lr:g} from here (was {saved.lr:g})"
+        self.log(f"resumed from {self.checkpoint_path} at step {self.step}{lr}")
 
     # ---- one step of Algorithm 1 -----------------------------------------------------------------
     def train_step(self):
@@ -274,9 +364,9 @@ class Trainer:
         shown = "no labels" if result.accuracy is None else f"accuracy {100 * accuracy:.1f}%"
         self.log(f"step {self.step}: EMA model cFID {result.fid:.1f}, {shown} (n = {cfg.eval_n})")
 
-    def sample_grid(self, path, n_per_class=8):
+    def sample_grid(self, n_per_class=8):
         """Samples (DDIM, guidance 1) of the EMA model (left) and of the raw model (right) from the same
-        noise, one row per digit when conditional: what the average buys is there to see."""
+        noise, one row per digit when conditional, as one image: what the average buys is there to see."""
         self.ema.copy_to(self.ema_model)
         cfg = self.config
         labels = np.repeat(np.arange(10), n_per_class) if cfg.conditional else None
@@ -292,31 +382,52 @@ class Trainer:
                 grids.append(pictures.grid(data.from_model_range(_dev.to_numpy(x.data))[:, 0], ncols=n_per_class))
         finally:
             self.model.train()
-        pictures.save(pictures.side_by_side(*grids), path)
+        return pictures.side_by_side(*grids)
+
+    def write_waiting(self, state, grid):
+        """Write what a step left waiting for the guard: its checkpoint ``state()`` and its sample grid
+        (image, path); None where it left nothing."""
+        if state is not None:
+            self.write(state)
+        if grid is not None:
+            pictures.save(*grid)
 
     def run(self):
         cfg = self.config
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         t0, step0 = time.perf_counter(), self.step
+        # The loss of step k + 1 is the first look at the weights of step k, so what step k writes (its
+        # checkpoint, its sample grid) waits until that loss has passed the guard: a diverged run leaves
+        # the last checkpoint whose weights gave a sound loss, a resume from it does not start on weights
+        # that gave a diverged one, and no grid shows a diverged model.
+        state, grid = None, None
         try:
             while self.step < cfg.steps:
                 loss = self.train_step()
+                reason = divergence(loss, self.losses)
+                if reason:
+                    bar.close()
+                    raise TrainingDiverged(self.step, reason, self.out_dir, self.saved_step, cfg)
+                self.write_waiting(state, grid)
+                state, grid = None, None
                 self.losses.append(loss)
                 bar.update(1)
                 rate = (self.step - step0) * cfg.batch_size / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}")
                 if self.step % cfg.ckpt_every == 0:
-                    self.save()
+                    state = self.state()
                 if self.step % cfg.sample_every == 0:
-                    self.sample_grid(os.path.join(self.out_dir, f"samples_{self.step:06d}.png"))
+                    grid = (self.sample_grid(), os.path.join(self.out_dir, f"samples_{self.step:06d}.png"))
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
                     self.evaluate_ema()
         except KeyboardInterrupt:
             bar.close()
+            self.write_waiting(None, grid)  # and the checkpoint of the step reached rather than the waiting one:
             self.save()
             self.log(f"interrupted: checkpoint saved at step {self.step} to {self.checkpoint_path}")
             raise
         bar.close()
+        self.write_waiting(None, grid)  # no loss comes after the last step's; its checkpoint:
         self.save()
         pictures.save(pictures.loss_curve(self.losses, self.evals), os.path.join(self.out_dir, "loss.png"))
         if os.path.isfile(self.previous_checkpoint_path):
