@@ -1,7 +1,7 @@
 """Data-parallel training throughput over MPI: images/s for 1 and N ranks, and the all-reduce's share.
 
     python benchmarks/bench_mpi.py [--preset tiny] [--batch-size 64] [--ranks 2] [--steps 8] [--warmup 2]
-                                   [--data-dir DIR]
+                                   [--rounds 3] [--data-dir DIR]
 
 Each row is `Trainer.train_step` (forward, backward, the gradient all-reduce, clipping, Adam, EMA)
 with the global batch --batch-size, timed in a process of its own:
@@ -9,8 +9,9 @@ with the global batch --batch-size, timed in a process of its own:
   process gets from the cores, and the single-core rate the ranks are measured against;
 - `mpiexec -n N` with TINYDDPM_NUM_THREADS=1 per rank (N ranks on N cores), each rank on its
   batch-size/N images, its gradients averaged by one MPI all-reduce per step.
-Per row: the median step time over --steps steps (after --warmup untimed ones), images/s (global
-batch / step), and for N ranks the time inside the all-reduce (which includes waiting for the
+The rows run in --rounds rounds, in alternating order (A B C, C B A, ...) so that background load
+hits them alike. Per row: the median over the rounds of each round's median step time over --steps
+steps (after --warmup untimed ones), images/s (global batch / step), and for N ranks the time inside the all-reduce (which includes waiting for the
 slower rank) and its share of the step. Then the all-reduce alone, timed back to back with the ranks
 in step: bytes of the flat buffer, seconds, and the bandwidth it reaches (algorithm bandwidth
 bytes/time, and the "bus bandwidth" 2(N − 1)/N · bytes/time that nccl-tests report for a ring).
@@ -38,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--ranks", type=int, nargs="+", default=[2], help="world sizes to run with mpiexec")
     p.add_argument("--steps", type=int, default=8, help="timed training steps per row (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (kernel compilation, allocator)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of every row, in alternating order")
     p.add_argument("--data-dir", help="MNIST IDX directory (default: the embedded subset)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one row, in its own process(es)
     return p.parse_args(argv)
@@ -100,6 +102,11 @@ def measure(args, threads, ranks=None):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def median_row(measured):
+    """The round whose step time is the median one (its all-reduce times belong to that round)."""
+    return sorted(measured, key=lambda r: r["step_s"])[(len(measured) - 1) // 2]
+
+
 def processor():
     try:
         lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
@@ -113,12 +120,15 @@ def main(argv=None):
     if args.worker:
         return worker(args)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"preset {args.preset}, global batch {args.batch_size}, median of {args.steps} steps after {args.warmup}; "
-          f"{processor()}, {cores} cores available")
-    rows = [(f"1 process, {cores} threads", 1, cores, measure(args, cores))]
-    if cores > 1:
-        rows.append(("1 process, 1 thread", 1, 1, measure(args, 1)))
-    rows += [(f"mpiexec -n {n}, 1 thread per rank", n, 1, measure(args, 1, ranks=n)) for n in args.ranks]
+    print(f"preset {args.preset}, global batch {args.batch_size}, median of {args.steps} steps after {args.warmup}, "
+          f"median of {args.rounds} rounds; {processor()}, {cores} cores available")
+    plan = [(f"1 process, {cores} threads", 1, cores, None)] + ([("1 process, 1 thread", 1, 1, None)] if cores > 1 else [])
+    plan += [(f"mpiexec -n {n}, 1 thread per rank", n, 1, n) for n in args.ranks]
+    results = {name: [] for name, *_ in plan}
+    for r in range(args.rounds):
+        for name, _, threads, ranks in plan if r % 2 == 0 else plan[::-1]:
+            results[name].append(measure(args, threads, ranks))
+    rows = [(name, ranks, threads, median_row(results[name])) for name, ranks, threads, _ in plan]
     print("\n| run | ranks × threads | img/s | step (s) | all-reduce in the step (s) | its share |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, ranks, threads, r in rows:
