@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import uuid
 
 import numpy as np
@@ -272,3 +273,20 @@ def test_sampling_batches_have_streams_of_their_own():
     assert cli.batch_rng(7, 0).random() == np.random.default_rng(7).random()
     draws = {cli.batch_rng(7, i).random() for i in range(4)}
     assert len(draws) == 4
+
+
+@pytest.mark.parametrize("visible, chosen", [(None, "1"), ("4,5,6", "5"), ("3", "3")])
+def test_each_rank_on_a_machine_takes_its_own_gpu(monkeypatch, visible, chosen):
+    # local rank 1 of 2: the second visible GPU; a single visible GPU is the scheduler's choice, kept
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    distributed.select_local_gpu(types.SimpleNamespace(local_rank=1, local_size=2))
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == chosen
+
+
+def test_more_ranks_than_gpus_on_a_machine_is_refused(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(ValueError, match="3 ranks on this machine but CUDA_VISIBLE_DEVICES names 2 GPUs"):
+        distributed.select_local_gpu(types.SimpleNamespace(local_rank=2, local_size=3))
