@@ -4,9 +4,9 @@
 
 Sections, in the order that teaches most: environment facts (GPU, driver, CUDA, CuPy, numba; that
 numba and CuPy share one context and stream), the `cuda` test marker, a launch-overhead table, every
-kernel version (bench_kernels), the training step at three batch sizes (bench_train), and
+kernel version (bench_kernels), the training step at three batch sizes (bench_train),
 `tinyddpm train` → `--resume` → `sample` with the resumed weights checked bit for bit against an
-uninterrupted run. A failing section is reported and the next one runs. The report is
+uninterrupted run, and the data-parallel gradient all-reduce through NCCL in a world of one. A failing section is reported and the next one runs. The report is
 DIR/gpu_report.md. `--device cudasim` runs every section in numba's CUDA simulator on tiny shapes (no
 GPU needed; CI runs it, so this script cannot rot while no GPU is around).
 """
@@ -29,12 +29,14 @@ PLAN = {
     "cuda": dict(tests=["-m", "cuda"], kernels=["--device", "cuda"],
                  train_bench=["--device", "cuda", "--preset", "tiny", "--batch-size", "16", "64", "256",
                               "--rounds", "3"],
-                 preset="smoke", steps=20, sample=["--n", "10", "--steps", "50"], launches=1000),
+                 preset="smoke", steps=20, sample=["--n", "10", "--steps", "50"], launches=1000,
+                 allreduce_presets=("tiny", "base"), mpi_run=True),
     # the simulator runs a CUDA thread as a Python thread: ~20 s per `sim` training step on one core
     "cudasim": dict(tests=["-m", "cuda", "--collect-only"], kernels=["--sim"],
                     train_bench=["--device", "cudasim", "--preset", "sim", "--batch-size", "1", "--rounds", "1",
                                  "--steps", "1", "--ddim-steps", "1"],
-                    preset="sim", steps=2, sample=["--n", "1", "--steps", "1"], launches=20),
+                    preset="sim", steps=2, sample=["--n", "1", "--steps", "1"], launches=20,
+                    allreduce_presets=("sim",), mpi_run=False),  # mpi_run: two more runs, ~80 s simulated
 }
 
 
@@ -151,9 +153,62 @@ def train_resume_sample(device, plan, out):
     return "\n".join(rows) + f"\n\n{verdict}; samples in samples.png"
 
 
+def data_parallel(device, plan, out):
+    """The gradient all-reduce of data parallelism (tinyddpm.distributed) in a world of one, the path N
+    ranks take: on a GPU NCCL averages the flat gradient buffer device to device, and the result must
+    be the rank's own gradient bit for bit with no device→host transfer; timed on the presets'
+    buffers. Then `mpiexec -n 1 tinyddpm train` (the all-reduce in every step) must equal the plain
+    run bit for bit. The simulator has no NCCL: there the MPI host path is checked the same way."""
+    from _common import time_launches
+
+    from tinyddpm import checkpoint, distributed, instrument, optim, train
+    from tinyddpm import device as _dev
+    from tinyddpm.unet import UNet
+    on_gpu = device == "cuda"
+    if on_gpu:
+        averager, path = distributed.NcclAverager(distributed.World()), "NCCL (cupy.cuda.nccl), device to device"
+    else:
+        from mpi4py import MPI
+        averager, path = distributed.HostAverager(distributed.World(MPI.COMM_SELF)), "MPI on host buffers"
+    rows = [f"world of one, {path}", "", "| preset | flat gradient buffer | all-reduce | result |", "|---|---:|---:|---|"]
+    for preset in plan["allreduce_presets"]:
+        model = UNet(train.TrainConfig.for_preset(preset).unet_config())
+        flats = optim.flatten(model.parameters())
+        rng = np.random.default_rng(0)
+        for p in model.parameters():
+            p.grad = _dev.to_device(rng.standard_normal(p.shape).astype(np.float32))
+        before = [_dev.to_numpy(flat.gather_grads()).copy() for flat in flats]
+        with instrument.count() as counts:
+            averager.average(flats)
+        same = all(np.array_equal(_dev.to_numpy(flat.grad), b) for flat, b in zip(flats, before))
+        if not same or counts.transfers:
+            raise RuntimeError(f"{preset}: the world-of-one average changed the gradient ({not same}) or read it "
+                               f"back to the host ({counts.transfers} transfers)")
+        seconds = time_launches(lambda: averager.average(flats), 20, on_gpu)
+        nbytes = sum(flat.grad.nbytes for flat in flats)
+        rows.append(f"| {preset} | {nbytes:,} bytes | {seconds * 1e3:.3f} ms | own gradient bit for bit, "
+                    f"0 transfers |")
+    mpiexec = distributed.mpiexec_path()
+    if not plan["mpi_run"] or mpiexec is None:
+        reason = "no mpiexec here" if mpiexec is None else "skipped in the simulator (two more simulated runs)"
+        return "\n".join(rows) + f"\n\n`mpiexec -n 1 tinyddpm train`: {reason}"
+    common = ["-m", "tinyddpm", "train", "--preset", plan["preset"], "--device", device, "--steps", str(plan["steps"]),
+              "--sample-every", "1000000", "--overwrite"]
+    plain, ranked = os.path.join(out, "run_plain"), os.path.join(out, "run_mpi1")
+    run([sys.executable, *common, "--out", plain], {"TINYDDPM_OFFLINE": "1"})
+    run([mpiexec, "-n", "1", sys.executable, *common, "--out", ranked], {"TINYDDPM_OFFLINE": "1"})
+    a, b = (checkpoint.load(os.path.join(d, "checkpoint.npz")) for d in (plain, ranked))
+    differing = [f"{part}/{key}" for part in ("model", "ema", "optim") for key in a[part]
+                 if not np.array_equal(a[part][key], b[part][key])]
+    if differing:
+        raise RuntimeError(f"mpiexec -n 1 differs from the plain run in {len(differing)} arrays, e.g. {differing[:3]}")
+    return "\n".join(rows) + (f"\n\n`mpiexec -n 1 tinyddpm train --device {device}` ({plan['steps']} steps, the "
+                              f"all-reduce in each) == the plain run, bit for bit (model, EMA, optimiser)")
+
+
 SECTIONS = [("Environment", environment), ("GPU tests (marker `cuda`)", tests), ("Launch overhead", launch_overhead),
             ("Kernels (bench_kernels)", kernels), ("Training step (bench_train)", train_step),
-            ("train → --resume → sample", train_resume_sample)]
+            ("train → --resume → sample", train_resume_sample), ("Data-parallel all-reduce", data_parallel)]
 
 
 def commit():
@@ -181,7 +236,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         print(f"== {title}", file=sys.stderr, flush=True)
         try:
-            extra = (args.out,) if section is train_resume_sample else ()
+            extra = (args.out,) if section in (train_resume_sample, data_parallel) else ()
             body = section(args.device, plan, *extra)
         except Exception:  # report it and go on: one broken section must not hide the others
             failed.append(title)

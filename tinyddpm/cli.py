@@ -1,8 +1,11 @@
 """The ``tinyddpm`` command: train, sample, trajectory, eval.
 
 Every mistake a user can make (bad numbers, missing or corrupt files, unwritable paths, no GPU)
-ends in one line on stderr naming the problem and exit code 2, never a traceback. A training run
-that diverges (tinyddpm.train.divergence) ends in one line saying how to continue, exit code 3.
+ends in one line on stderr naming the problem and exit code 2, never a traceback. Started by
+``mpirun -n N``, the commands run data-parallel (tinyddpm.distributed): a mistake every rank
+meets is printed once, by rank 0, and a failure of one rank alone stops them all (MPI_Abort).
+A training run that diverges (tinyddpm.train.divergence) ends in one line saying how to continue,
+exit code 3.
 """
 import argparse
 import dataclasses
@@ -12,6 +15,7 @@ import textwrap
 
 import numpy as np
 
+from . import distributed
 from .checkpoint import CheckpointError
 from .data import DataError
 from .device import DeviceError
@@ -29,7 +33,8 @@ class UsageError(Exception):
 
 # Library validation errors are ValueErrors with a message written for the user (DataError,
 # CheckpointError and StateDictError among them); TINYDDPM_DEBUG=1 shows the traceback instead.
-EXPECTED_ERRORS = (UsageError, ValueError, DataError, CheckpointError, StateDictError, DeviceError, OSError)
+EXPECTED_ERRORS = (UsageError, ValueError, DataError, CheckpointError, StateDictError, DeviceError, OSError,
+                   distributed.DistributedError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -382,32 +387,55 @@ def cmd_train(args):
     except TrainingDiverged as stop:
         if os.environ.get("TINYDDPM_DEBUG"):
             raise
-        print(f"tinyddpm: {stop}", file=sys.stderr)
+        if distributed.world().is_root:  # every rank stops at the same step: their losses are the mean's
+            print(f"tinyddpm: {stop}", file=sys.stderr)
         return 3
     return 0
 
 
-def _load_for_sampling(args):
+def _load_for_sampling(args, prepare=None):
+    """(model, diffusion, config, prepared) of --checkpoint, ``prepared`` being what ``prepare()`` (the
+    checks and reads of the other inputs and outputs, run first) returned. Under MPI rank 0 alone
+    prepares (the others get None) and reads the checkpoint, and shares it: a failure of either
+    stops every rank at once."""
     from . import train
-    model, diffusion, config = train.load_model(args.checkpoint)
+    world = distributed.world()
+
+    def read():
+        prepared = prepare() if prepare is not None else None
+        state = train.load_checkpoint(args.checkpoint)
+        return state, train.model_from_checkpoint(state, args.checkpoint), prepared
+
+    read_on_root = world.on_root(read)
+    if world.is_root:
+        state, (model, diffusion, config), prepared = read_on_root
+        world.broadcast(state, "sharing the checkpoint")
+    else:
+        state, prepared = world.broadcast(None, "sharing the checkpoint"), None
+        model, diffusion, config = train.model_from_checkpoint(state, args.checkpoint)
     if not config.conditional and args.guidance:
         args.guidance = 0.0  # an unconditional model has nothing to guide towards
-    return model, diffusion, config
+    return model, diffusion, config, prepared
 
 
 def cmd_sample(args):
-    """Sample --n images into a grid (and --npz). Ctrl-C writes the batches finished so far to both."""
-    _writable_file(args.out, ".png")
-    if args.npz:
-        _writable_file(args.npz, ".npz")
-    model, diffusion, config = _load_for_sampling(args)
+    """Sample --n images into a grid (and --npz). Ctrl-C writes the batches finished so far to both
+    (in a single process). Under MPI the ranks share the batches and rank 0 writes."""
+
+    def check_outputs():
+        _writable_file(args.out, ".png")
+        if args.npz:
+            _writable_file(args.npz, ".npz")
+
+    model, diffusion, config, _ = _load_for_sampling(args, check_outputs)
     try:
         images, labels = _sample_images(args, model, diffusion, config)
     except SamplingInterrupted as stop:
         written = _write_samples(args, stop.images, stop.labels) if len(stop.images) else "nothing"
         print(f"interrupted: {len(stop.images)} of {args.n} images were finished; wrote {written}", file=sys.stderr)
         return 130
-    print(f"wrote {_write_samples(args, images, labels)}", file=sys.stderr)
+    if distributed.world().is_root:
+        print(f"wrote {_write_samples(args, images, labels)}", file=sys.stderr)
     return 0
 
 
@@ -428,8 +456,10 @@ def cmd_trajectory(args):
     from . import data, pictures
     from . import device as _dev
     from .tensor import no_grad
+    if not distributed.world().is_root:
+        return 0  # one image: rank 0's work alone
     _writable_file(args.out, ".png")
-    model, diffusion, config = _load_for_sampling(args)
+    model, diffusion, config, _ = _load_for_sampling(args)
     rng = np.random.default_rng(args.seed)
     label = args.label if args.label is not None else int(rng.integers(10))
     y = np.array([label]) if config.conditional else None
@@ -443,31 +473,46 @@ def cmd_trajectory(args):
     return 0
 
 
+def batch_rng(seed, index):
+    """The generator of sampling batch ``index``: ``default_rng(seed)`` for the first batch (the
+    stream every batch shared before), ``default_rng([seed, index])`` for the others. A batch's
+    noise depends on (seed, index) alone, so the batches can be drawn in any order and on any
+    rank, and N ranks give the images one process gives."""
+    return np.random.default_rng(seed if index == 0 else [seed, index])
+
+
 def _sample_images(args, model, diffusion, config):
-    """uint8 images (n, H, W) and their labels (None when unconditional), in batches of --batch-size
-    drawn from one generator (so the result depends on --seed alone). Ctrl-C raises
-    SamplingInterrupted with the batches finished so far."""
+    """uint8 images (n, H, W) and their labels (None when unconditional), in batches of --batch-size,
+    batch i drawn from batch_rng(--seed, i). Under MPI the ranks take the batches in turn and rank 0
+    gathers them (the other ranks get (None, labels)). Ctrl-C raises SamplingInterrupted with the
+    batches finished so far (in a single process)."""
     from . import data
     from . import device as _dev
     from .tensor import no_grad
+    world = distributed.world()
     labels = np.resize(parse_labels(args.labels), args.n) if config.conditional else None
-    rng = np.random.default_rng(args.seed)
-    images = np.empty((args.n, model.config.image_size, model.config.image_size), np.uint8)
-    done = 0
+    starts = range(0, args.n, args.batch_size)
+    images, done = {}, 0
+    who = f"rank {world.rank}: " if world.size > 1 else ""
     try:
-        for start in range(0, args.n, args.batch_size):
-            rows = slice(start, min(start + args.batch_size, args.n))
-            print(f"sampling images {rows.start + 1}-{rows.stop} of {args.n}", file=sys.stderr)
+        for index in world.my_batches(len(starts)):
+            rows = slice(starts[index], min(starts[index] + args.batch_size, args.n))
+            print(f"{who}sampling images {rows.start + 1}-{rows.stop} of {args.n}", file=sys.stderr)
             with no_grad():
                 x = diffusion.sample(model, model.config.image_shape(rows.stop - rows.start),
                                      y=None if labels is None else labels[rows], guidance=_guidance(args),
                                      sampler=args.sampler, steps=None if args.sampler == "ddpm" else args.steps,
-                                     eta=args.eta, rng=rng)
-            images[rows] = data.from_model_range(_dev.to_numpy(x.data))[:, 0]
+                                     eta=args.eta, rng=batch_rng(args.seed, index))
+            images[index] = data.from_model_range(_dev.to_numpy(x.data))[:, 0]
             done = rows.stop
     except KeyboardInterrupt:
-        raise SamplingInterrupted(images[:done], None if labels is None else labels[:done]) from None
-    return images, labels
+        if world.size > 1:
+            raise  # the ranks' finished batches are no prefix of the n images: nothing is written
+        size = model.config.image_size
+        finished = np.concatenate([np.empty((0, size, size), np.uint8), *images.values()])
+        raise SamplingInterrupted(finished, None if labels is None else labels[:done]) from None
+    batches = world.gather_in_order(images, "gathering the samples")
+    return (None if batches is None else np.concatenate(batches)), labels
 
 
 def _bits_per_dim(args, model, diffusion, config, test_split):
@@ -505,22 +550,31 @@ def cmd_eval(args):
         raise UsageError("--bpd needs --checkpoint (bits/dim is a property of a model, not of samples)")
     if args.sweep_guidance and (not args.checkpoint or args.bpd):
         raise UsageError("--sweep-guidance needs --checkpoint (it samples once per w), without --bpd")
-    # Every input is read and checked before the slow part (sampling, bits/dim) starts.
-    if args.checkpoint:
-        model, diffusion, config = _load_for_sampling(args)
-        test_split = data.load_mnist("test", root=args.ref_data) if args.bpd else None
-        if args.bpd and args.bpd > len(test_split.images):
-            raise UsageError(f"--bpd {args.bpd}: the MNIST test set has only {len(test_split.images)} images")
-    else:
-        images, labels = evaluation.load_samples(args.samples)
-    judge, reference, reference_source = _judge_and_reference(args)
-    if args.sweep_guidance:
-        return _sweep_guidance(args, model, diffusion, config, judge, reference, reference_source)
+    world = distributed.world()
+    if not args.checkpoint and not world.is_root:
+        return 0  # scoring a file: rank 0's work alone
+    # Every input is read and checked before the slow part (sampling, bits/dim) starts (on rank 0 under
+    # MPI; the ranks share the sampling, and rank 0 alone scores and computes bits/dim).
     bits_per_dim = None
     if args.checkpoint:
+        def prepare():
+            test_split = data.load_mnist("test", root=args.ref_data) if args.bpd else None
+            if args.bpd and args.bpd > len(test_split.images):
+                raise UsageError(f"--bpd {args.bpd}: the MNIST test set has only {len(test_split.images)} images")
+            return test_split, _judge_and_reference(args)
+
+        model, diffusion, config, prepared = _load_for_sampling(args, prepare)
+        if args.sweep_guidance:
+            return _sweep_guidance(args, model, diffusion, config, prepared)
         images, labels = _sample_images(args, model, diffusion, config)
+        if not world.is_root:
+            return 0
+        test_split, (judge, reference, reference_source) = prepared
         if args.bpd:
             bits_per_dim = _bits_per_dim(args, model, diffusion, config, test_split)
+    else:
+        images, labels = evaluation.load_samples(args.samples)
+        judge, reference, reference_source = _judge_and_reference(args)
     result = evaluation.evaluate(images, labels, judge, reference)
     if args.json:
         print(json.dumps({**dataclasses.asdict(result), "bits_per_dim": bits_per_dim, "reference": reference_source}))
@@ -538,8 +592,9 @@ def cmd_eval(args):
     return 0
 
 
-def _sweep_guidance(args, model, diffusion, config, judge, reference, reference_source):
-    """One sampling run and evaluation per guidance w, then the table and the chosen w."""
+def _sweep_guidance(args, model, diffusion, config, prepared):
+    """One sampling run and evaluation per guidance w, then the table and the chosen w. Under MPI the
+    ranks share each sampling run and rank 0 (which alone has ``prepared``, the judge) scores it."""
     import json
     import time
 
@@ -550,8 +605,12 @@ def _sweep_guidance(args, model, diffusion, config, judge, reference, reference_
     for w in args.sweep_guidance:
         args.guidance, t0 = w, time.perf_counter()
         images, labels = _sample_images(args, model, diffusion, config)
-        sweep.append((w, evaluation.evaluate(images, labels, judge, reference)))
+        if distributed.world().is_root:
+            _, (judge, reference, reference_source) = prepared
+            sweep.append((w, evaluation.evaluate(images, labels, judge, reference)))
         seconds.append(time.perf_counter() - t0)
+    if not distributed.world().is_root:
+        return 0
     chosen = evaluation.choose_guidance(sweep)
     interpolated = evaluation.best_fid_at_accuracy(sweep)
     if args.json:
@@ -581,6 +640,8 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "trajectory": cmd_trajecto
 def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
+        if args.device == "cuda":
+            distributed.select_local_gpu(distributed.world())  # before anything starts CUDA
         if args.device != "cpu":
             from .device import set_device
             from .kernels import compile_all
@@ -597,8 +658,41 @@ def main(argv=None):
         if os.environ.get("TINYDDPM_DEBUG"):
             raise
         message = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename!r}"
-        print(f"tinyddpm: error: {message}", file=sys.stderr)
-        return 2
+        failed_run = isinstance(e, distributed.DistributedError) and not isinstance(e, distributed.StoppedOnRoot)
+        return _stop(e, f"tinyddpm: error: {message}", 1 if failed_run else 2)
+    except Exception as e:  # a bug: its traceback, and under MPI no rank left waiting for this one
+        world = _world_if_any()
+        if world is not None and world.size > 1 and not getattr(e, "every_rank", False):
+            import traceback
+            traceback.print_exc()
+            world.abort(1)
+        raise
+
+
+def _world_if_any():
+    """The MPI world, or None where making it failed (a launcher without mpi4py)."""
+    try:
+        return distributed.world()
+    except ValueError:
+        return None
+
+
+def _stop(error, line, code):
+    """Print an expected error's one line and return the exit code. Under MPI an error every rank
+    raised (bad arguments, rank 0's refusal to start) is printed by rank 0 alone and every rank
+    exits; an error of this rank alone is printed with its rank and ends every rank (MPI_Abort), as
+    the others would otherwise wait for it."""
+    world = _world_if_any()
+    if world is None or world.size == 1:
+        print(line, file=sys.stderr)
+        return code
+    if isinstance(error, UsageError) or getattr(error, "every_rank", False):
+        if world.is_root:
+            print(line, file=sys.stderr)
+        return code
+    print(line.replace("error: ", f"error: rank {world.rank}: ", 1), file=sys.stderr)
+    world.abort(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -217,23 +217,30 @@ class GaussianDiffusion:
             return clipped / snr
         return clipped if self.prediction == "x0" else clipped / (snr + 1)  # finite at SNR 0 (zero terminal SNR)
 
-    def training_loss(self, model, x0, y=None, p_uncond=0.1, min_snr_gamma=0.0, *, rng):
+    def training_loss(self, model, x0, y=None, p_uncond=0.1, min_snr_gamma=0.0, *, rng, shard=(0, 1)):
         """Algorithm 1 of Ho et al. 2020: t ~ U{0, …, T−1}, ε ~ N(0, I), loss = ‖target − model(x_t, t, y)‖²
         (mean), x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε; with min_snr_gamma γ > 0 each sample's squared error is
         weighted by ``min_snr_weights``. Each label is replaced by the null class
         ``model.num_classes`` with probability p_uncond, so one network learns both ε(x_t, y) and
-        ε(x_t) for classifier-free guidance (Ho & Salimans 2022)."""
+        ε(x_t) for classifier-free guidance (Ho & Salimans 2022).
+
+        shard (i, n): x0 holds the i-th of n equal parts of a global batch (data parallelism,
+        tinyddpm.distributed). t, ε and the null labels are drawn for the whole global batch and
+        part i kept, so every rank's ``rng`` stays in step and each image gets the draws one process
+        with the whole batch would give it."""
         if min_snr_gamma < 0:
             raise ValueError(f"min_snr_gamma is ≥ 0 (0: unweighted), got {min_snr_gamma}")
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond is a probability, got {p_uncond}")
         x0 = _array(x0)
         batch = x0.shape[0]
-        t = rng.integers(0, self.num_timesteps, size=batch)
-        eps = _like(rng.standard_normal(x0.shape).astype(x0.dtype), x0)
+        part, parts = shard
+        rows, whole = slice(part * batch, (part + 1) * batch), parts * batch
+        t = rng.integers(0, self.num_timesteps, size=whole)[rows]
+        eps = _like(rng.standard_normal((whole,) + x0.shape[1:]).astype(x0.dtype)[rows], x0)
         if y is not None:
             y = _dev.to_numpy(y).astype(np.int64)
-            y = np.where(rng.random(batch) < p_uncond, self._num_classes(model), y)
+            y = np.where(rng.random(whole)[rows] < p_uncond, self._num_classes(model), y)
         xt = self.q_sample(x0, t, eps)
         output = self._call(model, xt, t, y)
         target = self.training_target(x0, t, eps)

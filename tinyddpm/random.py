@@ -6,6 +6,7 @@
   the host each step: cuRAND's Philox4x32-10 through CuPy, addressed by (seed, offset).
 
 ``manual_seed`` seeds both; their states go into checkpoints so a resume is bit-exact.
+``use_rank_stream`` moves both to a data-parallel rank's own stream (tinyddpm.distributed).
 """
 import functools
 
@@ -58,6 +59,26 @@ def manual_seed(seed):
     global _generator, _device_generator
     _generator = np.random.default_rng(seed)
     _device_generator = DeviceGenerator(seed)
+
+
+# Rank r's device stream starts r·2⁵⁰ numbers into the seed's Philox stream: Philox computes any
+# position directly, so this costs nothing, and no rank draws 2⁵⁰ numbers in a run (the base preset's
+# dropout draws ~10¹² in 40,000 steps).
+RANK_STREAM_STRIDE = 1 << 50
+
+
+def use_rank_stream(rank):
+    """Move both generators to rank ``rank``'s stream, after every rank drew the same parameter
+    initialisation: the host generator jumped ahead rank·(φ − 1)·2¹²⁸ draws (PCG64's ``jumped``,
+    numbers far enough apart in its 2¹²⁸-long cycle that no two ranks' streams overlap), the device
+    one rank·2⁵⁰. Rank 0 keeps the streams unchanged, so one process draws
+    the dropout masks it always did. Dropout is the only thing these streams draw during training,
+    and the ranks' masks need not agree (each rank masks its own images)."""
+    global _generator, _device_generator
+    if rank:
+        _generator = np.random.Generator(_generator.bit_generator.jumped(rank))
+        _device_generator = DeviceGenerator(_device_generator.seed,
+                                            _device_generator.offset + rank * RANK_STREAM_STRIDE)
 
 
 def generator():

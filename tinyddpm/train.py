@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint, data, optim, pictures
+from . import checkpoint, data, distributed, optim, pictures
 from . import device as _dev
 from . import random as _random
 from .diffusion import GaussianDiffusion
@@ -227,10 +227,41 @@ class Trainer:
     silently: ``resume=True`` continues it; ``overwrite=True`` starts afresh but keeps the old
     checkpoint as ``checkpoint.prev.npz`` until the new run has finished; otherwise RunExistsError,
     raised before any work. A diverged run (``divergence``) stops with TrainingDiverged and writes
-    nothing more: the checkpoint on disk stays the last one whose weights gave a sound loss."""
+    nothing more: the checkpoint on disk stays the last one whose weights gave a sound loss.
 
-    def __init__(self, config, out_dir, data_dir=None, log=print, resume=False, overwrite=False):
-        self.config, self.out_dir, self.log = config, out_dir, log
+    Under MPI (``world``, default tinyddpm.distributed.world()) every rank makes a Trainer: rank 0
+    alone checks the output directory, reads the data and the checkpoint (and shares them), logs and
+    writes files; each rank trains on its shard of every batch."""
+
+    def __init__(self, config, out_dir, data_dir=None, log=print, resume=False, overwrite=False, world=None):
+        self.config, self.out_dir = config, out_dir
+        self.world = distributed.world() if world is None else world
+        self.log = log if self.world.is_root else _quiet
+        mnist, state = self.world.broadcast(self.world.on_root(self._prepare, data_dir, resume, overwrite),
+                                            "sharing the data and the checkpoint")
+        _dev.retain_freed_memory()
+        size = config.unet_config().image_size
+        self.images = data.mean_pool(data.to_model_range(mnist.images), size)  # float32 (N, 1, size, size), [-1, 1]
+        self.labels = mnist.labels
+        _random.manual_seed(config.seed)                   # parameter init and dropout
+        self.rng = np.random.default_rng(config.seed)      # batches, timesteps and noise: the same on every rank
+        self.model, self.ema_model, self.diffusion = build(config)
+        _random.use_rank_stream(self.world.rank)           # dropout: each rank its own masks, after one shared init
+        # the EMA puts the parameters into one flat buffer; Adam, over the same list, shares it
+        self.ema = optim.EMA(self.model, config.ema_decay)
+        self.opt = optim.Adam(self.model.parameters(), lr=config.lr)
+        self.averager = distributed.gradient_averager(self.world, self.opt.flats)  # None in a plain run
+        self.step, self.losses = 0, []
+        self.saved_step = None  # the step of the checkpoint on disk that this run wrote or resumed from
+        self.evals, self._judge = [], None  # [(step, cFID, accuracy)] of --eval-every; the judge, loaded once
+        if state is not None:
+            self.resume(state)
+
+    def _prepare(self, data_dir, resume, overwrite):
+        """Every check of the settings, the output directory and the inputs, before any work (on rank
+        0 under MPI): (MNIST, the checkpoint to resume or None)."""
+        config, out_dir = self.config, self.out_dir
+        self.world.shard(config.batch_size)  # the global batch must divide over the ranks
         if config.eval_every and config.unet_config().image_size != EVAL_IMAGE_SIZE:
             raise ValueError(f"--eval-every needs {EVAL_IMAGE_SIZE}×{EVAL_IMAGE_SIZE} images for the judge; "
                              f"preset {config.preset!r} makes {config.unet_config().image_size}×"
@@ -242,25 +273,15 @@ class Trainer:
                                  f"or train into a new --out (--overwrite replaces it)")
         os.makedirs(out_dir, exist_ok=True)
         checkpoint.check_writable(self.checkpoint_path)
+        state = None
+        if resume:
+            state = load_checkpoint(self.checkpoint_path)
+            self._check_resumable(state)
         if overwrite and not resume and os.path.isfile(self.checkpoint_path):
             os.replace(self.checkpoint_path, self.previous_checkpoint_path)
-        _dev.retain_freed_memory()
         mnist = data.load_mnist("train", root=data_dir)
-        log(f"data: {len(mnist.images)} images from {mnist.source}")
-        size = config.unet_config().image_size
-        self.images = data.mean_pool(data.to_model_range(mnist.images), size)  # float32 (N, 1, size, size), [-1, 1]
-        self.labels = mnist.labels
-        _random.manual_seed(config.seed)                   # parameter init and dropout
-        self.rng = np.random.default_rng(config.seed)      # batches, timesteps and noise
-        self.model, self.ema_model, self.diffusion = build(config)
-        # the EMA puts the parameters into one flat buffer; Adam, over the same list, shares it
-        self.ema = optim.EMA(self.model, config.ema_decay)
-        self.opt = optim.Adam(self.model.parameters(), lr=config.lr)
-        self.step, self.losses = 0, []
-        self.saved_step = None  # the step of the checkpoint on disk that this run wrote or resumed from
-        self.evals, self._judge = [], None  # [(step, cFID, accuracy)] of --eval-every; the judge, loaded once
-        if resume:
-            self.resume()
+        self.log(f"data: {len(mnist.images)} images from {mnist.source}")
+        return mnist, state
 
     @property
     def checkpoint_path(self):
@@ -276,12 +297,21 @@ class Trainer:
         self.write(self.state())
 
     def write(self, state):
-        """Write a ``state()`` to the checkpoint file."""
-        checkpoint.save(self.checkpoint_path, state)
-        self.saved_step = int(state["step"])
+        """Write a ``state()`` to the checkpoint file (rank 0; the other ranks' ``state()`` is None)."""
+        if state is not None:
+            checkpoint.save(self.checkpoint_path, state)
+            self.saved_step = int(state["step"])
 
     def state(self):
-        """Everything a checkpoint holds, as host copies: the run can go on while it waits to be written."""
+        """Everything a checkpoint holds, as host copies: the run can go on while it waits to be written.
+        Under MPI every rank calls this: the ranks first check that they hold the same parameters and
+        send rank 0 their dropout streams; rank 0 gets the state, the others None."""
+        self._check_ranks_agree()
+        streams = self.world.gather({"init": _random.get_state(), "device": _random.get_device_state()},
+                                    "gathering the ranks' random streams")
+        if not self.world.is_root:
+            return None
+        ranks = {} if self.world.size == 1 else {"world_size": self.world.size, "peer_rngs": json.dumps(streams[1:])}
         return {
             "format": "tinyddpm-checkpoint-v1",
             "config": json.dumps(dataclasses.asdict(self.config)),
@@ -290,11 +320,10 @@ class Trainer:
             "step": self.step, "losses": np.asarray(self.losses, dtype=np.float64),
             "evals": np.asarray(self.evals, dtype=np.float64).reshape(-1, 3),
             "rng": json.dumps(self.rng.bit_generator.state), "init_rng": json.dumps(_random.get_state()),
-            "device_rng": json.dumps(_random.get_device_state()),
+            "device_rng": json.dumps(_random.get_device_state()), **ranks,
         }
 
-    def resume(self):
-        state = load_checkpoint(self.checkpoint_path)
+    def _check_resumable(self, state):
         saved = TrainConfig.from_json(state["config"])
         changed = [f.name for f in dataclasses.fields(TrainConfig)
                    if f.name not in (*CHANGEABLE_ON_RESUME, *UNET_FIELDS)
@@ -305,6 +334,9 @@ class Trainer:
             changed.append("steps (the cosine decay is planned over the run's --steps)")
         if changed:
             raise ValueError(f"--resume with settings that differ from the checkpoint's: {', '.join(changed)}")
+
+    def resume(self, state):
+        """Continue from a checkpoint's state (checked by _check_resumable)."""
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optim"])
@@ -312,52 +344,90 @@ class Trainer:
         self.saved_step = self.step
         self.evals = [tuple(row) for row in state.get("evals", ())]  # checkpoints from before --eval-every: none
         self.rng.bit_generator.state = json.loads(state["rng"])
-        _random.set_state(json.loads(state["init_rng"]))
-        if "device_rng" in state:  # checkpoints from before dropout drew on the device have none
-            _random.set_device_state(json.loads(state["device_rng"]))
+        self._resume_dropout_streams(state)
+        saved = TrainConfig.from_json(state["config"])
         lr = "" if saved.lr == self.config.lr else f"; learning rate {self.config.lr:g} from here (was {saved.lr:g})"
         self.log(f"resumed from {self.checkpoint_path} at step {self.step}{lr}")
+
+    def _resume_dropout_streams(self, state):
+        """Rank 0's streams are ``init_rng``/``device_rng``, rank r's the r-th of ``peer_rngs``. A rank
+        the checkpoint has none for (it was written by fewer ranks) derives one from rank 0's, as a
+        fresh run does: the run goes on, but is not then bit for bit an uninterrupted one."""
+        peers = json.loads(state.get("peer_rngs", "[]"))
+        mine = peers[self.world.rank - 1] if 0 < self.world.rank <= len(peers) else None
+        _random.set_state(mine["init"] if mine else json.loads(state["init_rng"]))
+        if mine:
+            _random.set_device_state(mine["device"])
+        elif "device_rng" in state:  # checkpoints from before dropout drew on the device have none
+            _random.set_device_state(json.loads(state["device_rng"]))
+        if self.world.rank and not mine:
+            _random.use_rank_stream(self.world.rank)
+        saved_size = int(state.get("world_size", 1))
+        if saved_size != self.world.size:
+            self.log(f"resuming with {self.world.size} ranks a run written by {saved_size}: the same model and "
+                     f"batches, but other dropout masks and float sums than an uninterrupted run")
+
+    def _check_ranks_agree(self):
+        """The ranks apply the same updates to the same averaged gradients, so their parameters and EMA
+        must be equal bit for bit: compare checksums (one number per rank), stop if they differ."""
+        if self.world.size > 1:
+            buffers = [flat.data for flat in self.opt.flats] + self.ema.buffers
+            self.world.check_same(distributed.checksum(buffers), f"parameters after step {self.step}")
 
     # ---- one step of Algorithm 1 -----------------------------------------------------------------
     def train_step(self):
         """One step; its only device→host read is the loss it returns (clipping, Adam and EMA are
-        fused whole-buffer updates on the device)."""
-        cfg = self.config
-        idx = self.rng.integers(0, len(self.images), size=cfg.batch_size)
+        fused whole-buffer updates on the device), and under MPI every CHECK_EVERY steps a checksum.
+
+        Under MPI every rank draws the whole global batch's indices (and training_loss its noise,
+        timesteps and null labels) from the shared ``rng`` and keeps its own shard; after the
+        backward pass one all-reduce averages the gradients, so each rank holds the whole batch's
+        gradient and takes the step one process with the whole batch would."""
+        cfg, world = self.config, self.world
+        idx = self.rng.integers(0, len(self.images), size=cfg.batch_size)[world.shard(cfg.batch_size)]
         x0 = Tensor(_dev.to_device(self.images[idx]))
         # labels stay on the host: training_loss swaps in the null class there (host RNG) and moves them once
         y = self.labels[idx] if cfg.conditional else None
         loss = self.diffusion.training_loss(self.model, x0, y, p_uncond=cfg.p_uncond, min_snr_gamma=cfg.min_snr_gamma,
-                                            rng=self.rng)
+                                            rng=self.rng, shard=(world.rank, world.size))
         self.opt.zero_grad()
         loss.backward()
+        if self.averager is not None:
+            self.averager.average(self.opt.flats)
         optim.clip_grad_norm(self.opt.params, cfg.grad_clip)
         self.opt.lr = optim.learning_rate(self.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_decay)
         self.opt.step()
         self.ema.update(self.model, optim.ema_decay_at(self.step, cfg.ema_decay, cfg.ema_warmup, cfg.ema_power))
         self.step += 1
-        return loss.item()
+        if self.step % distributed.CHECK_EVERY == 0:
+            self._check_ranks_agree()
+        return world.mean(loss.item())  # the whole batch's loss: the mean of the ranks' equal shards
 
     def evaluate_ema(self):
         """cFID and accuracy (tinyddpm.evaluation) of eval_n samples of the EMA model, balanced over the
         digits, drawn as the grids are (DDIM, guidance 1, noise seeded by the step), in batches of the
         training batch size: the curve's second panel. It reads no training RNG, so a run with
-        evaluations trains exactly as one without."""
+        evaluations trains exactly as one without. Under MPI the ranks share the batches (each
+        batch's noise depends on its start alone) and rank 0 scores them."""
         from . import evaluation
-        if self._judge is None:
-            self._judge = evaluation.load_judge()
         self.ema.copy_to(self.ema_model)
         cfg = self.config
         labels = np.arange(cfg.eval_n) % 10 if cfg.conditional else None
-        batches = []
-        for start in range(0, cfg.eval_n, cfg.batch_size):  # in training-sized batches: memory stays bounded
+        starts = range(0, cfg.eval_n, cfg.batch_size)  # in training-sized batches: memory stays bounded
+        batches = {}
+        for start in (starts[i] for i in self.world.my_batches(len(starts))):
             count = min(cfg.batch_size, cfg.eval_n - start)
             with no_grad():
                 x = self.diffusion.sample(self.ema_model, self.ema_model.config.image_shape(count),
                                           y=None if labels is None else labels[start:start + count], sampler="ddim",
                                           steps=cfg.sample_steps, guidance=1.0 if cfg.conditional else 0.0,
                                           progress=False, rng=np.random.default_rng([cfg.seed, self.step, start]))
-            batches.append(data.from_model_range(_dev.to_numpy(x.data))[:, 0])
+            batches[start] = data.from_model_range(_dev.to_numpy(x.data))[:, 0]
+        batches = self.world.gather_in_order(batches, "gathering the evaluation's samples")
+        if not self.world.is_root:
+            return
+        if self._judge is None:
+            self._judge = evaluation.load_judge()
         result = evaluation.evaluate(np.concatenate(batches), labels, *self._judge)
         accuracy = np.nan if result.accuracy is None else result.accuracy
         self.evals.append((self.step, result.fid, accuracy))
@@ -366,7 +436,8 @@ class Trainer:
 
     def sample_grid(self, n_per_class=8):
         """Samples (DDIM, guidance 1) of the EMA model (left) and of the raw model (right) from the same
-        noise, one row per digit when conditional, as one image: what the average buys is there to see."""
+        noise, one row per digit when conditional, as one image: what the average buys is there to see.
+        Under MPI every rank draws the grid (the others would only wait for rank 0); rank 0 writes it."""
         self.ema.copy_to(self.ema_model)
         cfg = self.config
         labels = np.repeat(np.arange(10), n_per_class) if cfg.conditional else None
@@ -386,15 +457,16 @@ class Trainer:
 
     def write_waiting(self, state, grid):
         """Write what a step left waiting for the guard: its checkpoint ``state()`` and its sample grid
-        (image, path); None where it left nothing."""
+        (image, path); None where it left nothing. Rank 0 alone writes."""
         if state is not None:
             self.write(state)
-        if grid is not None:
+        if grid is not None and self.world.is_root:
             pictures.save(*grid)
 
     def run(self):
         cfg = self.config
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not self.world.is_root)
         t0, step0 = time.perf_counter(), self.step
         # The loss of step k + 1 is the first look at the weights of step k, so what step k writes (its
         # checkpoint, its sample grid) waits until that loss has passed the guard: a diverged run leaves
@@ -429,12 +501,17 @@ class Trainer:
         bar.close()
         self.write_waiting(None, grid)  # no loss comes after the last step's; its checkpoint:
         self.save()
-        pictures.save(pictures.loss_curve(self.losses, self.evals), os.path.join(self.out_dir, "loss.png"))
-        if os.path.isfile(self.previous_checkpoint_path):
-            os.remove(self.previous_checkpoint_path)  # the new run is complete: the replaced one can go
+        if self.world.is_root:
+            pictures.save(pictures.loss_curve(self.losses, self.evals), os.path.join(self.out_dir, "loss.png"))
+            if os.path.isfile(self.previous_checkpoint_path):
+                os.remove(self.previous_checkpoint_path)  # the new run is complete: the replaced one can go
         elapsed = time.perf_counter() - t0
         self.log(f"done: {self.step} steps in {elapsed:.0f} s, final loss (mean of last 100) "
                  f"{np.mean(self.losses[-100:]):.4f}; wrote {self.checkpoint_path}, loss.png and sample grids")
+
+
+def _quiet(message):
+    """The log of ranks other than 0 (rank 0 speaks for the run)."""
 
 
 def load_checkpoint(path):
@@ -445,9 +522,9 @@ def load_checkpoint(path):
     return state
 
 
-def load_model(path, use_ema=True):
-    """(model, diffusion, TrainConfig) from a checkpoint, with the EMA weights by default."""
-    state = load_checkpoint(path)
+def model_from_checkpoint(state, path, use_ema=True):
+    """(model, diffusion, TrainConfig) from the state ``load_checkpoint(path)`` read, with the EMA
+    weights by default (``path`` names the file in errors)."""
     config = TrainConfig.from_json(state["config"])
     model = UNet(UNetConfig(**json.loads(state["unet_config"])))
     try:
@@ -455,3 +532,9 @@ def load_model(path, use_ema=True):
     except ValueError as e:
         raise checkpoint.CheckpointError(f"checkpoint {path!r}: {e}") from None
     return model.eval(), make_diffusion(config), config
+
+
+
+def load_model(path, use_ema=True):
+    """(model, diffusion, TrainConfig) of the checkpoint at ``path``, with the EMA weights by default."""
+    return model_from_checkpoint(load_checkpoint(path), path, use_ema)
