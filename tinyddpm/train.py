@@ -534,7 +534,6 @@ def model_from_checkpoint(state, path, use_ema=True):
     return model.eval(), make_diffusion(config), config
 
 
-
 def load_model(path, use_ema=True):
     """(model, diffusion, TrainConfig) of the checkpoint at ``path``, with the EMA weights by default."""
     return model_from_checkpoint(load_checkpoint(path), path, use_ema)
