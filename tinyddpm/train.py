@@ -472,7 +472,7 @@ class Trainer:
         # checkpoint, its sample grid) waits until that loss has passed the guard: a diverged run leaves
         # the last checkpoint whose weights gave a sound loss, a resume from it does not start on weights
         # that gave a diverged one, and no grid shows a diverged model.
-        state, grid = None, None
+        state_waiting, grid_waiting = None, None
         try:
             while self.step < cfg.steps:
                 loss = self.train_step()
@@ -480,26 +480,26 @@ class Trainer:
                 if reason:
                     bar.close()
                     raise TrainingDiverged(self.step, reason, self.out_dir, self.saved_step, cfg)
-                self.write_waiting(state, grid)
-                state, grid = None, None
+                self.write_waiting(state_waiting, grid_waiting)
+                state_waiting, grid_waiting = None, None
                 self.losses.append(loss)
                 bar.update(1)
                 rate = (self.step - step0) * cfg.batch_size / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}")
                 if self.step % cfg.ckpt_every == 0:
-                    state = self.state()
+                    state_waiting = self.state()
                 if self.step % cfg.sample_every == 0:
-                    grid = (self.sample_grid(), os.path.join(self.out_dir, f"samples_{self.step:06d}.png"))
+                    grid_waiting = (self.sample_grid(), os.path.join(self.out_dir, f"samples_{self.step:06d}.png"))
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
                     self.evaluate_ema()
         except KeyboardInterrupt:
             bar.close()
-            self.write_waiting(None, grid)  # and the checkpoint of the step reached rather than the waiting one:
+            self.write_waiting(None, grid_waiting)  # the checkpoint: the step reached, not the waiting one
             self.save()
             self.log(f"interrupted: checkpoint saved at step {self.step} to {self.checkpoint_path}")
             raise
         bar.close()
-        self.write_waiting(None, grid)  # no loss comes after the last step's; its checkpoint:
+        self.write_waiting(None, grid_waiting)  # no loss comes after the last step; its checkpoint:
         self.save()
         if self.world.is_root:
             pictures.save(pictures.loss_curve(self.losses, self.evals), os.path.join(self.out_dir, "loss.png"))
