@@ -7,7 +7,9 @@ e^r by a degree-5 minimax polynomial, and 2ⁿ put straight into the float's exp
 error ≤ ~2 ulp. The argument is clamped to [−87, 88], so neither exp nor the sigmoid overflows.
 A loop calling these must be compiled with error_model="numpy" as well: under numba's default
 ("python"), every float division checks for a zero divisor to raise ZeroDivisionError, and that
-branch alone keeps the loop scalar.
+branch alone keeps the loop scalar. numba's on-disk cache (cache=True) checks only the file of the
+kernel itself: after a change here, delete kernels/__pycache__/*.nbi and *.nbc, or the kernels that
+inline these functions keep running their old compiled code.
 """
 from llvmlite import ir
 from numba import float32, int32, njit, types
