@@ -1,7 +1,71 @@
 """What the benchmark scripts share."""
 import functools
+import glob
+import os
+import platform
 import statistics
 import time
+
+# The vector instruction sets that decide how fast a kernel can be, as /proc/cpuinfo names them (x86
+# `flags`, then Arm `Features`): a table measured with AVX-512 or AMX says so.
+VECTOR_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+                    "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8",
+                    "asimd", "sve", "sve2", "sme")
+
+
+def machine_description(cpuinfo="/proc/cpuinfo", cache_dir="/sys/devices/system/cpu/cpu0/cache"):
+    """One line naming the processor, its vector ISA and caches, for the header of every benchmark:
+    'processor AMD EPYC (family 25, model 1), 2 CPUs; vector ISA avx avx2 fma; caches L1d 32K per core,
+    L2 512K per core, L3 32768K shared by 2 CPUs'. Read from Linux's /proc/cpuinfo and sysfs; where
+    those are missing, the part says 'unknown'."""
+    fields = _first_processor(cpuinfo)
+    name = fields.get("model name") or fields.get("Hardware") or platform.processor() or platform.machine() or "unknown"
+    if "cpu family" in fields:
+        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    isa = " ".join(f for f in VECTOR_ISA_FLAGS if f in flags) or "unknown"
+    return f"processor {name}, {os.cpu_count()} CPUs; vector ISA {isa}; caches {_caches(cache_dir) or 'unknown'}"
+
+
+def _first_processor(cpuinfo):
+    """The `key: value` fields of the first processor in /proc/cpuinfo ({} without the file)."""
+    try:
+        with open(cpuinfo) as f:
+            first = f.read().split("\n\n")[0]
+    except OSError:
+        return {}
+    return {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first.splitlines())}
+
+
+def _caches(cache_dir):
+    """'L1d 32K per core, L2 512K per core, L3 32768K shared by 2 CPUs' from sysfs (data and unified
+    caches of CPU 0; '' without sysfs)."""
+    parts = []
+    for index in sorted(glob.glob(os.path.join(cache_dir, "index*"))):
+        try:
+            level, kind, size, shared = (_read(index, name) for name in ("level", "type", "size", "shared_cpu_list"))
+        except OSError:
+            continue
+        if kind == "Instruction":
+            continue
+        sharing = _count_cpus(shared)
+        parts.append(f"L{level}{'d' if kind == 'Data' else ''} {size} "
+                     + ("per core" if sharing == 1 else f"shared by {sharing} CPUs"))
+    return ", ".join(parts)
+
+
+def _read(directory, name):
+    with open(os.path.join(directory, name)) as f:
+        return f.read().strip()
+
+
+def _count_cpus(cpu_list):
+    """How many CPUs a sysfs list such as '0-3,8-11' or '5' names."""
+    total = 0
+    for part in cpu_list.split(","):
+        first, _, last = part.partition("-")
+        total += int(last or first) - int(first) + 1
+    return total
 
 
 def median_time(fn, repeats):

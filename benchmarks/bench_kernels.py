@@ -4,24 +4,28 @@
 
 op             any of tinyddpm.kernels.OPS (default: all)
 --version NAME only this row of each op's version table (reference, cpu, cuda_v1, cuda_v2, ...)
---device cpu   the NumPy reference vs the CPU versions (+ PyTorch CPU when installed)
+--device cpu   the NumPy reference vs the CPU versions, and with PyTorch installed the same op in PyTorch:
+               each row's `cpu / pytorch` time ratio (above 1: slower than PyTorch) and, last, the worst
+               ratio of the engine's path (the `cpu` rows) over every table
 --device cuda  every CUDA version on CuPy arrays: --repeats back-to-back launches between two CUDA events,
                per-launch time, a launch-overhead row (an empty kernel with as many array arguments),
                and % of the peak measured in the same run (CuPy matmul FLOP/s, device-copy bandwidth)
 --sim          only validate, in numba's CUDA simulator on tiny shapes (no GPU needed)
 --compile-only only compile every kernel to PTX and print registers / shared memory (the `ptx` extra)
 --list         print each op's version table: the idea of each version and the command that runs it
-Shapes default to the `tiny` U-Net preset at batch 64 (each kernel module's BENCH.shapes).
+Shapes default to the `tiny` U-Net preset at batch 64 (each kernel module's BENCH.shapes). The first
+line names the processor, its vector ISA and caches.
 """
 import argparse
 import os
 import sys
 
-from _common import empty_kernel, measured_peak, median_time, time_launches
+from _common import empty_kernel, machine_description, measured_peak, median_time, time_launches
 
 from tinyddpm.device import require_gpu
 from tinyddpm.extras import MissingExtraError, exit_code
 from tinyddpm.kernels import OPS, load_bench
+from tinyddpm.kernels.cpu_threads import num_threads
 
 
 def parse_args(argv=None):
@@ -66,6 +70,8 @@ def validate_in_simulator(bench, versions):
 
 
 def run_bench(bench, versions, args, twins):
+    """Validate, time and print one op's table; returns its (op, version, shape, pass, time / PyTorch's)
+    rows (none without PyTorch, or on the GPU)."""
     import numpy as np
 
     from tinyddpm.kernels._bench import DIRECTIONS, to_host, validate
@@ -81,10 +87,15 @@ def run_bench(bench, versions, args, twins):
         xp, timer = np, median_time
     torch_twin = twins.op_timer(bench.name, on_gpu) if twins else None
     how = f"per launch over {args.repeats} back-to-back launches" if on_gpu else f"median of {args.repeats}"
+    if not on_gpu:
+        how += f", {num_threads()} threads" + (" (PyTorch too)" if torch_twin is not None else "")
     print(f"\n## {bench.name} ({'GPU' if on_gpu else 'CPU'}), {how}")
-    cols = "| version | pass | shape | ms | GFLOP/s | GB/s | vs reference |" + (" % peak |" if on_gpu else "")
+    with_ratio = torch_twin is not None and not on_gpu
+    cols = ("| version | pass | shape | ms | GFLOP/s | GB/s | vs reference |" + (" % peak |" if on_gpu else "")
+            + (" cpu / pytorch |" if with_ratio else ""))
     print(cols)
     print("|" + "---|" * (cols.count("|") - 1))
+    ratios = []
     for shape in bench.shapes:
         case = bench.make_case(shape, xp, 0)
         host_case = {k: to_host(v) for k, v in case.items()}  # the reference always runs on the host
@@ -103,6 +114,7 @@ def run_bench(bench, versions, args, twins):
                 arrays = [a for a in case.values() if hasattr(a, "shape")]
                 empty = empty_kernel(len(arrays))
                 rows.append(("empty kernel (launch overhead)", timer(lambda: empty[1, 32](*arrays), args.repeats)))
+            torch_seconds = dict(rows).get("pytorch")
             for label, seconds in rows:
                 if label.startswith("empty kernel"):
                     print(f"| {label} | {direction} | {shape_label(shape)} | {seconds * 1e3:.3f} | - | - | - | - |")
@@ -112,10 +124,26 @@ def run_bench(bench, versions, args, twins):
                 if on_gpu:
                     pct = max(flops / seconds / peak_flops, nbytes / seconds / peak_bw) * 100
                     line += f" {pct:.1f} |" if label != "numpy reference" else " - |"
+                if with_ratio:
+                    ratio = seconds / torch_seconds
+                    line += f" {ratio:.2f}x |"
+                    ratios.append((bench.name, label, shape_label(shape), direction, ratio))
                 print(line)
+    return ratios
 
 
-def _torch_twins():
+def worst_row(ratios):
+    """The line ending the CPU run: the row of the engine's path (version `cpu`, else any timed
+    version) furthest behind PyTorch, as (op, version, shape, pass, time / PyTorch's) rows give it."""
+    timed = [r for r in ratios if r[1] not in ("numpy reference", "pytorch")]
+    engine = [r for r in timed if r[1] == "cpu"] or timed
+    if not engine:
+        return None
+    op, version, shape, direction, ratio = max(engine, key=lambda r: r[4])
+    return f"worst cpu / pytorch: {op} {shape} {direction} {ratio:.2f}x ({version})"
+
+
+def _torch_twins(on_gpu):
     """benchmarks/torch_twins.py for the pytorch rows, or None (said in one line) without PyTorch."""
     # idle OpenMP threads of PyTorch must sleep, not spin, or they starve NumPy's BLAS threads
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -124,6 +152,9 @@ def _torch_twins():
     except MissingExtraError as e:
         print(f"no pytorch rows: {e}")
         return None
+    if not on_gpu:  # as many threads as tinyddpm's pool: the cpu / pytorch ratio compares like with like
+        import torch
+        torch.set_num_threads(num_threads())
     return torch_twins
 
 
@@ -146,17 +177,22 @@ def main(argv=None):
     backend = selected[0][1][0].backend
     if args.version and not (args.sim or args.list) and backend != args.device:
         error(f"version {args.version} runs on --device {backend}" + (" (or --sim)" if backend == "cuda" else ""))
-    timing = not (args.list or args.sim)
-    if timing and args.device == "cuda":
-        require_gpu()
-    twins = _torch_twins() if timing else None
+    timed = not (args.list or args.sim)
+    if timed:
+        print(machine_description())
+        if args.device == "cuda":
+            require_gpu()
+    twins = _torch_twins(args.device == "cuda") if timed else None
+    ratios = []
     for bench, versions in selected:
         if args.list:
             print_versions(bench, versions)
         elif args.sim:
             validate_in_simulator(bench, versions)
         else:
-            run_bench(bench, versions, args, twins)
+            ratios += run_bench(bench, versions, args, twins)
+    if timed and args.device == "cpu":
+        print("\n" + (worst_row(ratios) or "no cpu / pytorch ratios: PyTorch is not installed"))
     return 0
 
 

@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import median_time  # noqa: E402  (benchmarks/_common.py, found through the line above)
+from _common import machine_description, median_time  # noqa: E402  (benchmarks/_common.py, via the line above)
 
 from tinyddpm.device import require_gpu  # noqa: E402
 from tinyddpm.extras import MissingExtraError, exit_code, import_torch  # noqa: E402
@@ -304,6 +304,7 @@ def main(argv=None):
             print(f"tinyddpm alone: {e}")
     print(f"preset {args.preset}, device {args.device}, batch sizes {args.batch_size}, {os.cpu_count()} CPU cores; "
           f"{args.rounds} alternating rounds of {args.steps} steps and one {args.ddim_steps}-step DDIM run each")
+    print(machine_description())
     print(f"parent threads: {thread_settings()}")
     if "pytorch" in frameworks:
         print(f"PyTorch twin agrees: outputs and all gradients within relative {check_twin_agrees(args):.1e}")

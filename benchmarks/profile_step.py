@@ -14,7 +14,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train import make_model_and_batch, thread_settings, tinyddpm_step  # noqa: E402  (benchmarks/, found through the line above)
+from _common import machine_description  # noqa: E402  (benchmarks/, found through the line above)
+from bench_train import make_model_and_batch, thread_settings, tinyddpm_step  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -52,6 +53,7 @@ def main(argv=None):
         with td.no_grad():
             model(td.Tensor(x), t, y)
 
+    print(machine_description())
     print(f"preset {args.preset}, batch {args.batch_size}, {args.rounds} rounds; {thread_settings()}\n")
     for title, fn in ((f"training step (batch {args.batch_size})", step),
                       (f"no-grad forward (one DDIM step, batch {args.batch_size})", forward)):

@@ -14,7 +14,7 @@ For each batch b and head h, with Q (Lq, d), K and V (Lk, d) and scale = 1/√d 
 The max subtraction (m_i) keeps exp from overflowing: scores of a few hundred are common once q and k
 grow during training, and exp(89) is already inf in float32.
 
-The versions (reference, cpu, cuda_v1, cuda_v2) are the rows of VERSIONS at the end of this file,
+The versions (reference, cpu, cpu_batched, cuda_v1, cuda_v2) are the rows of VERSIONS at the end of this file,
 with their kernels ``attention_<pass>_v<N>``; ``python benchmarks/bench_kernels.py --list`` prints
 them with the command that runs each one alone.
 """
@@ -25,8 +25,8 @@ from numba import float32, njit
 
 from ._bench import OpBench, Version, host64, saved_backward
 from ._cuda import ONE, ZERO, array_module, block_max, block_sum, ceil_div, cuda, device_function, kernel
-from .cpu_threads import parallel_map, task_slices
-from .vector_math import exp32
+from .cpu_threads import TASKS, even_slices, parallel_map, task_slices
+from .vector_math import exp32, max32
 
 
 def _default_scale(q, scale):
@@ -58,56 +58,207 @@ def attention_backward_reference(q, k, v, do, scale=None):
     return dq, dk, dv
 
 
-# ---- CPU implementation ---------------------------------------------------------------------------
+# ---- CPU implementation: fused per block of heads and query rows, flash attention's way -----------
+# A block of whole heads (or of one head's query rows, once one head's scores alone pass the budget)
+# goes S = QKᵀ (BLAS) → softmax (a numba row loop) → O = P V (BLAS) while its scores are still in
+# cache, and only the row log-sum-exp is kept: the backward recomputes P block by block (Dao et al.
+# 2022, "FlashAttention"). Materialising the (B, H, L, L) probabilities instead, as cpu_batched does,
+# cost a 39 MB buffer at L = 196 that the forward writes and the backward reads back; recomputing
+# them was as fast or faster in both passes (see cpu_batched's row).
+# At most this many bytes of scores per block. Each block costs ~15 µs of Python (4 to 6 BLAS and numba
+# calls and their views), so blocks should be large, yet stay in cache: on an AMD EPYC (Zen 3, 512 KB
+# L2 per core), one thread, L = 196, blocks of 1 and 2 MB (4 and 12 heads) timed alike in both passes,
+# 512 KB (2 heads) 1.1x slower forward, 128 KB (half a head) 1.5x, 4 MB (24 heads) 1.2x slower backward.
+SCORE_BLOCK_BYTES = 1 << 20
+
+
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
-def _scaled_softmax_rows(s, scale):
-    """s ← softmax(scale · s) along the last axis, in place, float32: per row the max, then the exps
-    and their sum in one pass, then the division (NumPy's four whole-array passes took 2x as long)."""
-    rows = s.reshape(-1, s.shape[-1])
-    for i in range(rows.shape[0]):
-        row = rows[i]
-        top = row[0] * scale
-        for j in range(row.shape[0]):
-            top = max(top, row[j] * scale)  # the max of scale·s (scale may be negative)
-        total = float32(0)
-        for j in range(row.shape[0]):
-            e = exp32(row[j] * scale - top)
-            row[j] = e
-            total += e
-        inverse = float32(1) / total
-        for j in range(row.shape[0]):
-            row[j] *= inverse
+def _exp_scores_rows(s, scale, lse, inverse_sums):
+    """Per row of the (.., .., rows, Lk) block s: m = max_j scale·s_j, s_j ← exp(scale·s_j − m),
+    l = Σ_j s_j; lse = m + log l, inverse_sums = 1/l. float32, the max, exps and sum in two passes
+    (NumPy's whole-array passes took twice as long)."""
+    for a in range(s.shape[0]):
+        for b in range(s.shape[1]):
+            for i in range(s.shape[2]):
+                row = s[a, b, i]
+                top = row[0] * scale
+                for j in range(row.shape[0]):
+                    top = max32(top, row[j] * scale)  # the max of scale·s (scale may be negative)
+                total = float32(0)
+                for j in range(row.shape[0]):
+                    e = exp32(row[j] * scale - top)
+                    row[j] = e
+                    total += e
+                lse[a, b, i] = top + math.log(total)
+                inverse_sums[a, b, i] = float32(1) / total
 
 
-def _softmax_in_place(s, scale):
+@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
+def _scale_rows(x, factors):
+    """x[a, b, i, :] *= factors[a, b, i]."""
+    for a in range(x.shape[0]):
+        for b in range(x.shape[1]):
+            for i in range(x.shape[2]):
+                f = factors[a, b, i]
+                for c in range(x.shape[3]):
+                    x[a, b, i, c] *= f
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
+def _probabilities_and_score_grads_rows(s, ds, lse, do, o, scale):
+    """Per row: s ← P = exp(scale·s − lse), ds ← scale·P∘(dP − D) from ds = dP, D = Σ_c dO_c O_c."""
+    for a in range(s.shape[0]):
+        for b in range(s.shape[1]):
+            for i in range(s.shape[2]):
+                delta = float32(0)
+                for c in range(do.shape[3]):
+                    delta += do[a, b, i, c] * o[a, b, i, c]
+                row, grad, m = s[a, b, i], ds[a, b, i], lse[a, b, i]
+                for j in range(row.shape[0]):
+                    p = exp32(row[j] * scale - m)
+                    row[j] = p
+                    grad[j] = scale * p * (grad[j] - delta)
+
+
+def _exp_scores(s, scale, lse, inverse_sums):
+    """_exp_scores_rows in float32, NumPy for float64 (the gradchecks)."""
     if s.dtype == np.float32:
-        _scaled_softmax_rows(s, np.float32(scale))
+        _exp_scores_rows(s, np.float32(scale), lse, inverse_sums)
         return
-    s *= scale  # float64 (the gradchecks): NumPy
-    s -= s.max(axis=-1, keepdims=True)
+    s *= scale
+    top = s.max(axis=-1, keepdims=True)
+    s -= top
     np.exp(s, out=s)
-    s /= s.sum(axis=-1, keepdims=True)
+    total = s.sum(axis=-1)
+    lse[...] = top[..., 0] + np.log(total)
+    inverse_sums[...] = 1 / total
+
+
+def _probabilities_and_score_grads(s, ds, lse, do, o, scale):
+    """_probabilities_and_score_grads_rows in float32, NumPy for float64."""
+    if s.dtype == np.float32:
+        _probabilities_and_score_grads_rows(s, ds, lse, do, o, np.float32(scale))
+        return
+    s *= scale
+    s -= lse[..., None]
+    np.exp(s, out=s)
+    ds -= (do * o).sum(axis=-1, keepdims=True)
+    ds *= s
+    ds *= scale
+
+
+def _head_groups(batch, heads, head_bytes):
+    """The units of work: (batch slice, head slice) groups of whole heads whose scores fit
+    SCORE_BLOCK_BYTES together (one head when one does not), at most ⌈B·H / TASKS⌉ heads each so that
+    every thread gets work. Cut the same way whatever the thread count."""
+    size = max(1, min(SCORE_BLOCK_BYTES // head_bytes, -(-batch * heads // TASKS)))
+    if size >= heads:
+        return [(images, slice(0, heads)) for images in _slices_of_at_most(batch, size // heads)]
+    return [(slice(b, b + 1), group) for b in range(batch) for group in _slices_of_at_most(heads, size)]
+
+
+def _query_blocks(lq, lk, itemsize):
+    """Query-row slices of one head with at most SCORE_BLOCK_BYTES of scores each (all rows at once
+    when the whole head fits)."""
+    return _slices_of_at_most(lq, max(1, SCORE_BLOCK_BYTES // (lk * itemsize)))
+
+
+def _slices_of_at_most(count, most):
+    """range(count) in the fewest near-equal slices of at most `most` (4 heads by at most 3: 2 + 2)."""
+    return even_slices(count, -(-count // most))
+
+
+def _length(part):
+    return part.stop - part.start
+
+
+def _blocked(fn, q, k, scratch):
+    """fn(heads, block, first_row, buffers) for every head group (heads: its (batch, head) slices) and
+    query block (block: its (batch, head, row) slices), the head groups split into tasks on the pool
+    of kernels/cpu_threads.py; buffers are `scratch` arrays of the task's own, shaped (images, heads,
+    rows, Lk) for the block."""
+    (batch, heads, lq, _), lk, dtype = q.shape, k.shape[2], q.dtype
+    groups = _head_groups(batch, heads, lq * lk * dtype.itemsize)
+    query_blocks = _query_blocks(lq, lk, dtype.itemsize)
+    most_rows = max(map(_length, query_blocks))
+
+    def run(task):
+        largest = max(_length(b) * _length(h) for b, h in groups[task]) * most_rows * lk
+        buffers = [np.empty(largest, dtype) for _ in range(scratch)]
+        for b, h in groups[task]:
+            for rows in query_blocks:
+                shape = (_length(b), _length(h), _length(rows), lk)
+                fn((b, h), (b, h, rows), rows.start, [buffer[:math.prod(shape)].reshape(shape) for buffer in buffers])
+    parallel_map(run, task_slices(len(groups)))
 
 
 def attention_forward_cpu(q, k, v, scale=None):
-    """O = softmax(scale · Q Kᵀ) V with batched BLAS matmuls; the softmax runs in place on the scores
-    (a numba row loop in float32). Slices of the batch run on the pool of kernels/cpu_threads.py.
-    Returns (O, saved), keeping P and O for the backward."""
+    """O = softmax(scale · Q Kᵀ) V, fused per block (the section comment above). Returns (O, saved),
+    keeping the row log-sum-exp lse = m + log Σ_j exp(scale·S_ij − m) for the backward."""
+    scale = _default_scale(q, scale)
+    dtype = np.result_type(q, k, v)
+    q, k, v = q.astype(dtype, copy=False), k.astype(dtype, copy=False), v.astype(dtype, copy=False)
+    o = np.empty(q.shape[:-1] + v.shape[-1:], dtype)
+    lse, inverse_sums = np.empty(q.shape[:-1], dtype), np.empty(q.shape[:-1], dtype)
+    kt = k.swapaxes(-1, -2)
+
+    def run(heads, block, first_row, buffers):
+        (s,), out, inverse = buffers, o[block], inverse_sums[block]
+        np.matmul(q[block], kt[heads], out=s)
+        _exp_scores(s, scale, lse[block], inverse)
+        np.matmul(s, v[heads], out=out)
+        _scale_rows(out, inverse)
+    _blocked(run, q, k, scratch=1)
+    return o, {"q": q, "k": k, "v": v, "o": o, "lse": lse, "scale": scale}
+
+
+def attention_backward_cpu(saved, do):
+    """Per block: P = exp(scale·Q Kᵀ − lse) recomputed, dV += Pᵀ dO, dS = scale·P∘(dO Vᵀ − D) with
+    D = rowsum(dO∘O) (equal to rowsum(dP∘P), and (Lq, d) work instead of (Lq, Lk)), dQ = dS K,
+    dK += dSᵀ Q; a head's query blocks add into its dK, dV in order, inside one task."""
+    q, k, v, o, lse, scale = (saved[name] for name in ("q", "k", "v", "o", "lse", "scale"))
+    do = do.astype(q.dtype, copy=False)
+    dq, dk, dv = np.empty(q.shape, q.dtype), np.empty(k.shape, q.dtype), np.empty(v.shape, q.dtype)
+    kt, vt = k.swapaxes(-1, -2), v.swapaxes(-1, -2)
+
+    def run(heads, block, first_row, buffers):
+        p, ds = buffers
+        qb, dob = q[block], do[block]
+        np.matmul(qb, kt[heads], out=p)
+        np.matmul(dob, vt[heads], out=ds)
+        _probabilities_and_score_grads(p, ds, lse[block], dob, o[block], scale)
+        np.matmul(ds, k[heads], out=dq[block])
+        if first_row == 0:
+            np.matmul(p.swapaxes(-1, -2), dob, out=dv[heads])
+            np.matmul(ds.swapaxes(-1, -2), qb, out=dk[heads])
+        else:
+            dv[heads] += np.matmul(p.swapaxes(-1, -2), dob)
+            dk[heads] += np.matmul(ds.swapaxes(-1, -2), qb)
+    _blocked(run, q, k, scratch=2)
+    return dq, dk, dv
+
+
+# ---- CPU, unfused: the whole (B, H, L, L) probabilities materialised (the cpu_batched row) ---------
+def attention_forward_batched(q, k, v, scale=None):
+    """O = softmax(scale · Q Kᵀ) V with batched BLAS matmuls over a task's images at once, the softmax
+    in place on their scores; returns (O, saved), keeping P and O for the backward."""
     scale = _default_scale(q, scale)
     dtype = np.result_type(q, k, v)
     p = np.empty(q.shape[:-1] + k.shape[-2:-1], dtype)
     o = np.empty(q.shape[:-1] + v.shape[-1:], dtype)
+    lse, inverse_sums = np.empty(q.shape[:-1], dtype), np.empty(q.shape[:-1], dtype)
 
     def run(part):
-        _softmax_in_place(np.matmul(q[part], k[part].swapaxes(-1, -2), out=p[part]), scale)
+        _exp_scores(np.matmul(q[part], k[part].swapaxes(-1, -2), out=p[part]), scale, lse[part], inverse_sums[part])
+        _scale_rows(p[part], inverse_sums[part])
         np.matmul(p[part], v[part], out=o[part])
     parallel_map(run, task_slices(len(q)))
     return o, {"q": q, "k": k, "v": v, "o": o, "p": p, "scale": scale}
 
 
-def attention_backward_cpu(saved, do):
-    """dV = Pᵀ dO, dS = P∘(dO Vᵀ − D) with D = rowsum(dO∘O) (equal to rowsum(dP∘P), and (Lq, d) work
-    instead of (Lq, Lk)), dQ = scale·dS K, dK = scale·dSᵀ Q; slices of the batch on the pool."""
+def attention_backward_batched(saved, do):
+    """dV = Pᵀ dO, dS = P∘(dO Vᵀ − D) with D = rowsum(dO∘O), dQ = scale·dS K, dK = scale·dSᵀ Q from the
+    saved P; slices of the batch on the pool."""
     q, k, v, o, p, scale = (saved[name] for name in ("q", "k", "v", "o", "p", "scale"))
     dtype = np.result_type(p, do)
     dq, dk, dv = np.empty(q.shape, dtype), np.empty(k.shape, dtype), np.empty(v.shape, dtype)
@@ -536,9 +687,16 @@ VERSIONS = (
             lambda case: (attention_forward_reference(case["q"], case["k"], case["v"]), None),
             lambda case, _: attention_backward_reference(case["q"], case["k"], case["v"], case["do"])),
     Version("cpu",
-            "batched np.matmul (BLAS), the softmax in place on the score buffer; P and O kept for the "
-            "backward, where D comes from dO∘O, a (Lq, d) product instead of the (Lq, Lk) one",
+            "the engine's CPU path, fused (Dao et al. 2022 on the CPU): per block of whole heads (or of "
+            "query rows, past 1 MB of scores a head) S = QKᵀ by BLAS, scale·softmax by a numba row loop "
+            "and O = P V by BLAS while the block is in cache, no (B, H, L, L) array; saves the row "
+            "log-sum-exp, and the backward recomputes P per block (dS = scale·P∘(dO Vᵀ − rowsum(dO∘O)))",
             _forward(attention_forward_cpu), saved_backward(attention_backward_cpu, "do")),
+    Version("cpu_batched",
+            "unfused: batched np.matmul over a task's images, the softmax in place on their scores; the "
+            "(B, H, L, L) P and O kept for the backward, where D comes from dO∘O, a (Lq, d) product "
+            "instead of the (Lq, Lk) one",
+            _forward(attention_forward_batched), saved_backward(attention_backward_batched, "do")),
     Version("cuda_v1",
             "naive: S and P in global memory, one thread per element of each product, one block per "
             "softmax row (shared-memory max and sum); the backward starts from the saved P",

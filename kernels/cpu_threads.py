@@ -105,7 +105,11 @@ def parallel_map(fn, items):
 
 def task_slices(count):
     """range(count) cut into TASKS (or fewer, if count is smaller) near-equal slices: the tasks of an op."""
-    parts = max(1, min(TASKS, count))
+    return even_slices(count, max(1, min(TASKS, count)))
+
+
+def even_slices(count, parts):
+    """range(count) cut into `parts` slices whose sizes differ by at most one."""
     bounds = [count * i // parts for i in range(parts + 1)]
     return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
 

@@ -7,7 +7,7 @@ import pytest
 from threadpoolctl import threadpool_info
 
 import tinyddpm  # noqa: F401  (importing it is what limits BLAS)
-from tinyddpm.kernels import cpu_threads, shifted_gemm, winograd
+from tinyddpm.kernels import attention, cpu_threads, shifted_gemm, winograd
 from tinyddpm.kernels.attention import attention_backward_cpu, attention_forward_cpu
 from tinyddpm.kernels.conv2d import conv2d_backward_cpu, conv2d_forward_cpu
 from tinyddpm.kernels.group_norm import group_norm_backward_cpu, group_norm_forward_cpu
@@ -45,6 +45,12 @@ def _attention(rng):
     return (o, *attention_backward_cpu(saved, rng.standard_normal(o.shape).astype(np.float32)))
 
 
+def _attention_row_blocks(rng):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention, "SCORE_BLOCK_BYTES", 1)  # one query row per block: dK, dV add up over 7
+        return _attention(rng)
+
+
 CASES = {
     "conv2d winograd": lambda rng: _conv("winograd", 8, 3, rng),
     "conv2d shifted": lambda rng: _conv("shifted", 3, 3, rng),
@@ -53,6 +59,7 @@ CASES = {
     "group_norm": _group_norm,
     "group_norm_silu": _group_norm_silu,
     "attention": _attention,
+    "attention, row blocks": _attention_row_blocks,
 }
 
 

@@ -9,9 +9,11 @@ from gradcheck import numeric_gradient
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from tinyddpm.kernels import attention
 from tinyddpm.kernels.attention import (
-    BENCH, MAX_HEAD_SIZE, TILE, attention_backward_cpu, attention_backward_cuda, attention_backward_reference,
-    attention_forward_cpu, attention_forward_cuda, attention_forward_reference)
+    BENCH, MAX_HEAD_SIZE, TILE, attention_backward_batched, attention_backward_cpu, attention_backward_cuda,
+    attention_backward_reference, attention_forward_batched, attention_forward_cpu, attention_forward_cuda,
+    attention_forward_reference)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -128,12 +130,39 @@ def test_cpu_matches_reference(shape, scale, dtype, offset, seed):
     assert_all_close([o, *grads], [expected_o, *expected_grads], *TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize("block_bytes, blocks", [
+    (1, "one query row per block: each head's dK and dV add up over its 7 blocks"),
+    (3 * 11 * 4, "three rows (of 11 float32 scores): blocks of 2, 2 and 3 rows"),
+    (2 * 7 * 11 * 4, "at most two heads: an image's 3 heads as 1 + 2"),
+    (6 * 7 * 11 * 4, "two whole images (3 heads each) per block"),
+])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_cpu_is_stable_for_large_scores(dtype):
-    q, k, v, do = random_inputs((2, 2, 7, 11, 5), dtype, seed=3, magnitude=30.0)
-    assert np.abs(np.einsum("bhic,bhjc->bhij", q, k)).max() / math.sqrt(5) > 200  # exp overflows past 88
+def test_cpu_matches_reference_whatever_the_blocks(block_bytes, blocks, dtype, monkeypatch):
+    monkeypatch.setattr(attention, "SCORE_BLOCK_BYTES", block_bytes * np.dtype(dtype).itemsize // 4)
+    q, k, v, do = random_inputs((17, 3, 7, 11, 3), dtype, seed=5, offset=0.5)
     o, saved = attention_forward_cpu(q, k, v)
     grads = attention_backward_cpu(saved, do)
+    expected_o, expected_grads = float64_reference(q, k, v, do)
+    assert_all_close([o, *grads], [expected_o, *expected_grads], *TOLERANCES[dtype])
+
+
+def test_cpu_forward_keeps_the_log_sum_exp_not_the_probabilities():
+    q, k, v, _ = random_inputs((2, 3, 5, 4, 2), np.float32, seed=6)
+    _, saved = attention_forward_cpu(q, k, v)
+    scores = np.einsum("bhic,bhjc->bhij", q.astype(np.float64), k) / math.sqrt(2)
+    top = scores.max(axis=-1)
+    np.testing.assert_allclose(saved["lse"], top + np.log(np.exp(scores - top[..., None]).sum(axis=-1)), rtol=1e-6)
+    assert all(a.size <= q.size for a in saved.values() if isinstance(a, np.ndarray))  # no (B, H, Lq, Lk) array
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("forward, backward", [(attention_forward_cpu, attention_backward_cpu),
+                                               (attention_forward_batched, attention_backward_batched)])
+def test_cpu_is_stable_for_large_scores(dtype, forward, backward):
+    q, k, v, do = random_inputs((2, 2, 7, 11, 5), dtype, seed=3, magnitude=30.0)
+    assert np.abs(np.einsum("bhic,bhjc->bhij", q, k)).max() / math.sqrt(5) > 200  # exp overflows past 88
+    o, saved = forward(q, k, v)
+    grads = backward(saved, do)
     expected_o, expected_grads = float64_reference(q, k, v, do)
     rtol, atol = (1e-3, 1e-3) if dtype == np.float32 else (1e-9, 1e-9)
     assert_all_close([o, *grads], [expected_o, *expected_grads], rtol, atol)

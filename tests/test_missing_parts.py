@@ -111,6 +111,6 @@ def test_the_pytorch_rows_of_bench_kernels_are_left_out_in_one_line_without_pyto
                                                                                       capsys):
     monkeypatch.setitem(sys.modules, "torch", None)
     import bench_kernels
-    assert bench_kernels._torch_twins() is None
+    assert bench_kernels._torch_twins(on_gpu=False) is None
     assert capsys.readouterr().out == ("no pytorch rows: the PyTorch twin (benchmarks/torch_twins.py) needs PyTorch: "
                                        "pip install torch\n")
