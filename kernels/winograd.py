@@ -227,18 +227,20 @@ def conv2d_forward_winograd(x, w, b, padding):
 
 
 def conv2d_backward_weight_winograd(x, dy, padding):
-    """dw (K, C, 3, 3) of conv2d_forward_winograd(x, w, ·, padding): dU_ξ = Σ_t dM_ξ V_ξᵀ over chunks
-    of images on the pool, each task summing its own chunks in order; the task sums are added in task
+    """dw (K, C, 3, 3) of conv2d_forward_winograd(x, w, ·, padding), and of F(4×4)'s (kernels/winograd4.py),
+    whose own adjoint rounds ~10x worse in float32 (3-6e-6 of max|dw| against 5e-7; up to 2.9x the
+    harness tolerance at 28×28 C32) for at best 8-25% less time: dU_ξ = Σ_t dM_ξᵀ V_ξ over chunks of
+    images on the pool, each task summing its own chunks in order; the task sums are added in task
     order, so the bits do not depend on the threads. Then dw = Gᵀ dU G. V and dM are built
     channels-last (kernels/winograd_layout.py), where their transforms vectorise."""
     n, c = x.shape[:2]
     k = dy.shape[1]
     dtype = np.result_type(x, dy)
     _, _, th, tw, nb = _tiling(x, k, padding, dtype)
-    x, dy = x.astype(dtype, copy=False), dy.astype(dtype, copy=False)
+    x, dy = np.ascontiguousarray(x, dtype), np.ascontiguousarray(dy, dtype)  # copy_in reads flat images
     starts = range(0, n, nb)
     tasks = task_slices(len(starts))
-    du_terms = np.zeros((len(tasks), 16, k, c), dtype)
+    du_terms = scratch("winograd dW partials", (len(tasks), 16, k, c), dtype)  # fresh zeros: ~1 ms of page faults
 
     def run(i):
         xp, dyp = scratch("winograd dW x", (nb, 2 * th + 2, 2, (tw + 1) * c), dtype), scratch("winograd dW dy", (nb, 2 * th, 2, tw * k), dtype)
@@ -252,9 +254,11 @@ def conv2d_backward_weight_winograd(x, dy, padding):
             _input_transform_channels_last(xp, m, th, tw, x_rows, v)
             copy_in(dy, n0, m, 0, dyp)
             _output_transform_adjoint(dyp, m, th, tw, dy_rows, dm)
-            np.matmul(dm[:, :tiles * k].reshape(16, tiles, k).transpose(0, 2, 1), v[:, :tiles * c].reshape(16, tiles, c),
-                      out=chunk_du)
-            du_terms[i] += chunk_du
+            first = n0 == starts[tasks[i]][0]  # the task's first chunk writes its partial sum, the others add
+            np.matmul(dm[:, :tiles * k].reshape(16, tiles, k).transpose(0, 2, 1),
+                      v[:, :tiles * c].reshape(16, tiles, c), out=du_terms[i] if first else chunk_du)
+            if not first:
+                du_terms[i] += chunk_du
     parallel_map(run, range(len(tasks)))
     du = np.zeros((16, k, c), dtype)
     for term in du_terms:  # in task order, as a serial loop would

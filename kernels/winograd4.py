@@ -123,7 +123,7 @@ def conv2d_forward_winograd4(x, w, b, padding):
     nb = int(max(1, min(n, CHUNK_BYTES // (dtype.itemsize * 36 * (c + k) * th * tw))))
     u_t = filter_transform(w, dtype, _GG4).transpose(0, 2, 1)  # Uᵀ_ξ (C, K): BLAS reads the transpose as is
     bias = np.zeros(k, dtype) if b is None else b.astype(dtype, copy=False)
-    x = x.astype(dtype, copy=False)
+    x = np.ascontiguousarray(x, dtype)  # copy_in reads each image as one flat run
     y = np.empty((n, k, out_h, out_w), dtype)
     starts = range(0, n, nb)
 
@@ -149,3 +149,4 @@ def conv2d_backward_data_winograd4(w, dy, padding):
     padded by 2 − π (kernels/conv2d.py's module docstring has the identity)."""
     w_back = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
     return conv2d_forward_winograd4(dy, w_back, None, 2 - padding)
+

@@ -164,6 +164,20 @@ def test_winograd_gives_the_same_result_in_chunks_of_one_image(monkeypatch):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["auto", "im2col", "shifted", "winograd", "winograd4", "direct"])
+def test_cpu_takes_strided_views(method):
+    """x and dy as non-contiguous views (a channel slice, a transposed batch) give what their contiguous
+    copies give: the channels-last copies read whole images, so the kernels must make them flat first."""
+    x_big, w, b, _ = make_problem((3, 20, 9, 7, 4, 3, 3, 1, 1), np.float32, seed=10, offset=0.8)
+    x = x_big[:, ::2]  # 10 channels, every other one
+    y, saved = conv.conv2d_forward_cpu(x, w[:, :10], b, 1, 1, method)
+    want_y, want_saved = conv.conv2d_forward_cpu(np.ascontiguousarray(x), w[:, :10], b, 1, 1, method)
+    np.testing.assert_array_equal(y, want_y)
+    dy = np.random.default_rng(11).standard_normal(y.shape[::-1]).astype(np.float32).T  # a transposed view
+    for got, want in zip(conv.conv2d_backward_cpu(saved, dy), conv.conv2d_backward_cpu(want_saved, np.ascontiguousarray(dy))):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_winograd4_gives_the_same_result_in_chunks_of_one_image(monkeypatch):
     """F(4×4)'s chunks (V and M kept in cache, per-thread scratch buffers reused from chunk to chunk)
     change no value: each tile's sums are the same whatever else is in its chunk."""
