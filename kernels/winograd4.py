@@ -34,7 +34,6 @@ from .winograd_layout import copy_in, copy_out, planes
 CHUNK_BYTES = 2 << 20
 _G4 = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
                 [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
-_GG4 = np.kron(_G4, _G4)  # (36, 9): _GG4[6a + b, 3r + s] = G[a, r]·G[b, s]
 
 
 @njit(inline="always", fastmath=True)
@@ -121,7 +120,7 @@ def conv2d_forward_winograd4(x, w, b, padding):
     out_h, out_w = h + 2 * padding - 2, width + 2 * padding - 2
     th, tw = -(-out_h // 4), -(-out_w // 4)
     nb = int(max(1, min(n, CHUNK_BYTES // (dtype.itemsize * 36 * (c + k) * th * tw))))
-    u_t = filter_transform(w, dtype, _GG4).transpose(0, 2, 1)  # Uᵀ_ξ (C, K): BLAS reads the transpose as is
+    u_t = filter_transform(w, dtype, _G4).transpose(0, 2, 1)  # Uᵀ_ξ (C, K): BLAS reads the transpose as is
     bias = np.zeros(k, dtype) if b is None else b.astype(dtype, copy=False)
     x = np.ascontiguousarray(x, dtype)  # copy_in reads each image as one flat run
     y = np.empty((n, k, out_h, out_w), dtype)
