@@ -20,7 +20,8 @@ its pixels) and padded by R − 1 − π, with the weights flipped in (r, s) and
                      (terms whose index is not a whole number inside dy are zero)
 
 The versions (reference; cpu, the engine's per-layer choice among cpu_im2col, cpu_shifted,
-cpu_winograd, cpu_winograd4 and cpu_direct; cuda_v1, cuda_v2) are the rows of VERSIONS at the end of this file, each with its idea
+cpu_winograd, cpu_winograd4 and cpu_direct; cuda_v1, cuda_v2) are the rows of VERSIONS at the end of
+this file, each with its idea
 (and the CUDA ones with their kernels ``conv2d_<pass>_v<N>``); ``python benchmarks/bench_kernels.py
 --list`` prints them with the command that runs each one alone.
 """
@@ -192,15 +193,16 @@ def _bias_grad(dy):
 
 def conv2d_backward_cpu(saved, dy, need_dx=True):
     """(dx, dw, db) of conv2d_forward_cpu: dW = dY X̂ᵀ and dX̂ = Wᵀ dY (one GEMM each), dx = col2im(dX̂),
-    db = Σ dy (shifted, Winograd, direct: their modules' backward; dw of either Winograd by F(2×2)'s). With need_dx=False (x needs no
-    gradient: the U-Net's first conv) dx is None and not computed."""
+    db = Σ dy (shifted, Winograd, direct: their modules' backward; dw of either Winograd by F(2×2)'s).
+    With need_dx=False (x needs no gradient: the U-Net's first conv) dx is None and not computed."""
     if saved["method"] == "direct":
         return conv2d_backward_direct(saved, dy, need_dx)
     if saved["method"] == "shifted":
         return conv2d_backward_shifted(saved, dy, need_dx)
     if saved["method"] in ("winograd", "winograd4"):
         x, w, padding = saved["x"], saved["w"], saved["padding"]
-        backward_data = conv2d_backward_data_winograd if saved["method"] == "winograd" else conv2d_backward_data_winograd4
+        f2 = saved["method"] == "winograd"
+        backward_data = conv2d_backward_data_winograd if f2 else conv2d_backward_data_winograd4
         dx = backward_data(w, dy, padding) if need_dx else None
         return dx, conv2d_backward_weight_winograd(x, dy, padding), _bias_grad(dy)
     cols, w, x_shape = saved["cols"], saved["w"], saved["x_shape"]
@@ -611,8 +613,8 @@ VERSIONS = (
     Version("cpu_winograd",
             "Winograd F(2×2, 3×3) for 3×3 stride 1 (Lavin & Gray 2016): 16 GEMMs over input and filter "
             "tiles transformed by numba loops, 2.25x fewer multiplies; backward-data is the same "
-            "transform on the flipped filters, dW its adjoint (16 GEMMs dU = dM Vᵀ, then dw = Gᵀ dU G; "
-            "other convs fall back to im2col)",
+            "transform on the flipped filters, dW its adjoint (16 GEMMs dU = dM Vᵀ over channels-last V and "
+            "dM, then dw = Gᵀ dU G; other convs fall back to im2col)",
             _forward(conv2d_forward_cpu, method="winograd"), saved_backward(conv2d_backward_cpu)),
     Version("cpu_winograd4",
             "Winograd F(4×4, 3×3) for 3×3 stride 1: 36 GEMMs (tiles × C)(C × K), 4x fewer multiplies; the "
@@ -622,7 +624,8 @@ VERSIONS = (
             _forward(conv2d_forward_cpu, method="winograd4"), saved_backward(conv2d_backward_cpu)),
     Version("cpu_direct",
             "no GEMM: for few input channels (C·R·S ≤ 36, the first conv) each output image is the sum of "
-            "C·R·S scaled, shifted copies of the flattened padded x, one vectorised loop each; the "
+            "C·R·S scaled, shifted copies of the flattened padded x, one vectorised loop each (a 3×3 "
+            "kernel's 9 in one loop); the "
             "backward reads the same sums the other way (stride 2 falls back to im2col)",
             _forward(conv2d_forward_cpu, method="direct"), saved_backward(conv2d_backward_cpu)),
     Version("cuda_v1",

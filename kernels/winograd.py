@@ -16,7 +16,9 @@ Backward-weight is the adjoint of the forward, read right to left:
 
     dM_ξ[k, t] = (A dY_kt Aᵀ)_ξ,    dU_ξ = Σ_t dM_ξ[:, t] V_ξ[:, t]ᵀ,    dw[k, c] = Gᵀ dU[k, c] G
 
-16 GEMMs again (2.25x fewer multiplies than dW = dY X̂ᵀ), over V rebuilt from x.
+16 GEMMs again (2.25x fewer multiplies than dW = dY X̂ᵀ), over V rebuilt from x; V and dM are built
+channels-last (kernels/winograd_layout.py), where their transforms vectorise. kernels/winograd4.py's
+F(4×4, 3×3) uses this backward-weight too.
 """
 import numpy as np
 from numba import njit
@@ -289,7 +291,8 @@ def conv2d_backward_weight_winograd(x, dy, padding):
     du_terms = scratch("winograd dW partials", (len(tasks), 16, k, c), dtype)  # fresh zeros: ~1 ms of page faults
 
     def run(i):
-        xp, dyp = scratch("winograd dW x", (nb, 2 * th + 2, 2, (tw + 1) * c), dtype), scratch("winograd dW dy", (nb, 2 * th, 2, tw * k), dtype)
+        xp = scratch("winograd dW x", (nb, 2 * th + 2, 2, (tw + 1) * c), dtype)
+        dyp = scratch("winograd dW dy", (nb, 2 * th, 2, tw * k), dtype)
         x_rows, dy_rows = scratch("winograd dW x rows", (4, 4, tw * c), dtype), scratch("winograd dW dy rows", (4, 2, tw * k), dtype)
         v, dm = planes("winograd dW V", 16, nb * th * tw, c, dtype), planes("winograd dW dM", 16, nb * th * tw, k, dtype)
         chunk_du = scratch("winograd dW dU", (16, k, c), dtype)

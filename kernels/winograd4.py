@@ -19,8 +19,9 @@ The transforms vectorise along channels: per chunk of images, x is copied into t
 layout of kernels/winograd_layout.py with each padded row split into its four column phases, so the 6
 columns of every tile's patch are 6 runs of (tiles in a row × C) contiguous floats; each 1-D transform
 (Bᵀ down a tile row, B across it, Aᵀ and A back) is then one loop of 6 loads and 6 (or 4) stores that
-LLVM turns into 8-float vector code. The output comes back to NCHW with the bias added in the same copy. Backward-data is
-itself a 3×3 stride-1 conv (of dy with the flipped, transposed filters), so it runs through the same code.
+LLVM turns into 8-float vector code. The output comes back to NCHW with the bias added in the same
+copy. Backward-data is itself a 3×3 stride-1 conv (of dy with the flipped, transposed filters), so it
+runs through the same code; backward-weight is F(2×2)'s (kernels/winograd.py says why).
 """
 import numpy as np
 from numba import njit
@@ -128,7 +129,8 @@ def conv2d_forward_winograd4(x, w, b, padding):
 
     def run(task):
         xp = scratch("winograd4 x", (nb, 4 * th + 2, 4, (tw + 1) * c), dtype)
-        in_rows, out_rows = scratch("winograd4 rows in", (6, 6, tw * c), dtype), scratch("winograd4 rows out", (6, 4, tw * k), dtype)
+        in_rows = scratch("winograd4 rows in", (6, 6, tw * c), dtype)
+        out_rows = scratch("winograd4 rows out", (6, 4, tw * k), dtype)
         v, mm = planes("winograd4 V", 36, nb * th * tw, c, dtype), planes("winograd4 M", 36, nb * th * tw, k, dtype)
         y4 = scratch("winograd4 y", (nb, 4 * th, 4, tw * k), dtype)
         for n0 in starts[task]:

@@ -174,7 +174,8 @@ def test_cpu_takes_strided_views(method):
     want_y, want_saved = conv.conv2d_forward_cpu(np.ascontiguousarray(x), w[:, :10], b, 1, 1, method)
     np.testing.assert_array_equal(y, want_y)
     dy = np.random.default_rng(11).standard_normal(y.shape[::-1]).astype(np.float32).T  # a transposed view
-    for got, want in zip(conv.conv2d_backward_cpu(saved, dy), conv.conv2d_backward_cpu(want_saved, np.ascontiguousarray(dy))):
+    wants = conv.conv2d_backward_cpu(want_saved, np.ascontiguousarray(dy))
+    for got, want in zip(conv.conv2d_backward_cpu(saved, dy), wants):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
