@@ -19,8 +19,9 @@ its pixels) and padded by R − 1 − π, with the weights flipped in (r, s) and
     dx[n, c, h, v] = Σ_{k, r, s} w[k, c, r, s] · dy[n, k, (h + π − r)/σ, (v + π − s)/σ]
                      (terms whose index is not a whole number inside dy are zero)
 
-The versions (reference; cpu, the engine's per-layer choice among cpu_im2col, cpu_shifted and
-cpu_winograd; cuda_v1, cuda_v2) are the rows of VERSIONS at the end of this file, each with its idea
+The versions (reference; cpu, the engine's per-layer choice among cpu_im2col, cpu_shifted,
+cpu_winograd, cpu_winograd4 and cpu_direct; cuda_v1, cuda_v2) are the rows of VERSIONS at the end of
+this file, each with its idea
 (and the CUDA ones with their kernels ``conv2d_<pass>_v<N>``); ``python benchmarks/bench_kernels.py
 --list`` prints them with the command that runs each one alone.
 """
@@ -37,6 +38,7 @@ from .im2col import col2im, im2col
 from .shifted_gemm import conv2d_backward_shifted, conv2d_forward_shifted
 from .winograd import conv2d_backward_data_winograd, conv2d_backward_weight_winograd, conv2d_forward_winograd
 from .winograd import fits as winograd_fits
+from .winograd4 import conv2d_backward_data_winograd4, conv2d_forward_winograd4
 
 
 def _output_size(size, kernel_size, stride, padding):
@@ -104,22 +106,24 @@ def conv2d_backward_reference(x, w, dy, stride=1, padding=0):
 
 
 # ---- CPU implementation (the engine's `cpu` backend) -------------------------------------------
-# Four ways to a conv, picked per layer (the version rows cpu_im2col, cpu_shifted, cpu_winograd and
-# cpu_direct time each at the U-Net's shapes; docs/benchmarks.md has the tables):
+# Five ways to a conv, picked per layer (the version rows cpu_im2col, cpu_shifted, cpu_winograd,
+# cpu_winograd4 and cpu_direct time each at the U-Net's shapes; docs/benchmarks.md has the tables):
 # - im2col (kernels/im2col.py): batch-innermost ("CHWN") columns, so each pass is one large GEMM;
 # - the shifted GEMM (kernels/shifted_gemm.py): stride 1, a third of im2col's data for 3×3, but the
 #   padded border is computed too;
 # - Winograd F(2×2, 3×3) (kernels/winograd.py): 3×3 stride 1, 2.25x fewer multiplies, for the forward,
 #   backward-data and backward-weight;
+# - Winograd F(4×4, 3×3) (kernels/winograd4.py): 4x fewer multiplies for the forward and
+#   backward-data; its backward-weight is F(2×2)'s, whose float32 rounding is ~10x smaller;
 # - direct (kernels/direct_conv.py): stride 1 with at most direct_conv.MAX_DEPTH products per output
 #   (the first conv, C = 1), scaled rows of x added up: no GEMM too shallow for BLAS.
 # A stride-1 conv that fits the direct loop takes it; a 3×3 stride-1 conv with at least
-# WINOGRAD_MIN_CHANNELS input channels takes Winograd (it won at every other U-Net shape); otherwise
-# a stride-1 conv takes the shifted GEMM where its padded border adds at most SHIFTED_MAX_OVERHEAD of
-# work (28×28: 1.15; 7×7: 1.65), else im2col.
+# WINOGRAD_MIN_CHANNELS input channels takes Winograd F(4×4) (it beat F(2×2) at every U-Net shape);
+# otherwise a stride-1 conv takes the shifted GEMM where its padded border adds at most
+# SHIFTED_MAX_OVERHEAD of work (28×28: 1.15; 7×7: 1.65), else im2col.
 WINOGRAD_MIN_CHANNELS = 8
 SHIFTED_MAX_OVERHEAD = 1.2
-METHODS = ("auto", "im2col", "shifted", "winograd", "direct")
+METHODS = ("auto", "im2col", "shifted", "winograd", "winograd4", "direct")
 
 
 def _is_pointwise(w, stride, padding):
@@ -128,19 +132,19 @@ def _is_pointwise(w, stride, padding):
 
 
 def _method(x, w, stride, padding, out_h, out_w, method):
-    """'pointwise', 'im2col', 'shifted', 'winograd' or 'direct' for this conv; `method` forces one of
-    the last four wherever it can run (shifted: stride 1; winograd: see winograd.fits; direct: stride 1),
-    else im2col."""
+    """'pointwise', 'im2col', 'shifted', 'winograd', 'winograd4' or 'direct' for this conv; `method`
+    forces one of the last five wherever it can run (shifted, direct: stride 1; winograd, winograd4: see
+    winograd.fits), else im2col."""
     if method not in METHODS:
         raise ValueError(f"conv2d: unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if _is_pointwise(w, stride, padding):
         return "pointwise"
     if method == "direct" and stride == 1 or method == "auto" and direct_fits(w, stride):
         return "direct"
-    if method == "winograd" or (method == "auto" and x.shape[1] >= WINOGRAD_MIN_CHANNELS):
+    if method in ("winograd", "winograd4") or (method == "auto" and x.shape[1] >= WINOGRAD_MIN_CHANNELS):
         if winograd_fits(w, stride, padding):
-            return "winograd"
-    if stride != 1 or method in ("im2col", "winograd", "direct"):
+            return "winograd" if method == "winograd" else "winograd4"
+    if stride != 1 or method in ("im2col", "winograd", "winograd4", "direct"):
         return "im2col"
     padded = (x.shape[2] + 2 * padding) * (x.shape[3] + 2 * padding)
     return "shifted" if method == "shifted" or padded <= SHIFTED_MAX_OVERHEAD * out_h * out_w else "im2col"
@@ -154,8 +158,9 @@ def conv2d_forward_cpu(x, w, b, stride, padding, method="auto"):
     method = _method(x, w, stride, padding, out_h, out_w, method)
     if method == "direct":
         return conv2d_forward_direct(x, w, b, padding, out_h, out_w)
-    if method == "winograd":
-        return conv2d_forward_winograd(x, w, b, padding), {"method": method, "x": x, "w": w, "padding": padding}
+    if method in ("winograd", "winograd4"):
+        forward = conv2d_forward_winograd if method == "winograd" else conv2d_forward_winograd4
+        return forward(x, w, b, padding), {"method": method, "x": x, "w": w, "padding": padding}
     if method == "shifted":
         y, saved = conv2d_forward_shifted(x, w, b, padding, out_h, out_w)
         return y, dict(saved, method=method)
@@ -180,18 +185,26 @@ def conv2d_forward_cpu(x, w, b, stride, padding, method="auto"):
     return y, saved
 
 
+def _bias_grad(dy):
+    """db[k] = Σ_{n,i,j} dy[n, k, i, j]: einsum's loop took a third of dy.sum(axis=(0, 2, 3))'s time
+    (0.06 against 0.17 ms at N = 64, K = 64, 7×7)."""
+    return np.einsum("nkp->k", dy.reshape(dy.shape[0], dy.shape[1], -1))
+
+
 def conv2d_backward_cpu(saved, dy, need_dx=True):
     """(dx, dw, db) of conv2d_forward_cpu: dW = dY X̂ᵀ and dX̂ = Wᵀ dY (one GEMM each), dx = col2im(dX̂),
-    db = Σ dy (shifted, Winograd, direct: their modules' backward). With need_dx=False (x needs no
-    gradient: the U-Net's first conv) dx is None and not computed."""
+    db = Σ dy (shifted, Winograd, direct: their modules' backward; dw of either Winograd by F(2×2)'s).
+    With need_dx=False (x needs no gradient: the U-Net's first conv) dx is None and not computed."""
     if saved["method"] == "direct":
         return conv2d_backward_direct(saved, dy, need_dx)
     if saved["method"] == "shifted":
         return conv2d_backward_shifted(saved, dy, need_dx)
-    if saved["method"] == "winograd":
+    if saved["method"] in ("winograd", "winograd4"):
         x, w, padding = saved["x"], saved["w"], saved["padding"]
-        dx = conv2d_backward_data_winograd(w, dy, padding) if need_dx else None
-        return dx, conv2d_backward_weight_winograd(x, dy, padding), dy.sum(axis=(0, 2, 3))
+        f2 = saved["method"] == "winograd"
+        backward_data = conv2d_backward_data_winograd if f2 else conv2d_backward_data_winograd4
+        dx = backward_data(w, dy, padding) if need_dx else None
+        return dx, conv2d_backward_weight_winograd(x, dy, padding), _bias_grad(dy)
     cols, w, x_shape = saved["cols"], saved["w"], saved["x_shape"]
     k, _, kh, kw = w.shape
     n, _, out_h, out_w = dy.shape
@@ -211,7 +224,7 @@ def conv2d_backward_cpu(saved, dy, need_dx=True):
         parallel_map(run, range(len(tasks)))
         dw = dw_terms.sum(axis=0)  # in slice order: the same bits for any thread count
         dx = dx.reshape(x_shape) if need_dx else None
-        db = dy_rows.sum(axis=(0, 2))
+        db = _bias_grad(dy)
     else:
         dy_rows = np.ascontiguousarray(dy.transpose(1, 2, 3, 0)).reshape(k, -1)  # (K, Ho·Wo·N)
         dw = dy_rows @ cols.T
@@ -582,7 +595,7 @@ VERSIONS = (
                                                       case["padding"])),
     Version("cpu",
             "the engine's CPU path: per layer one of the rows below (direct for stride 1 and C·R·S ≤ 36, "
-            "Winograd for a 3×3 stride-1 conv of at least 8 input channels, else the shifted GEMM where "
+            "Winograd F(4×4) for a 3×3 stride-1 conv of at least 8 input channels, else the shifted GEMM where "
             "the padded border adds at most 20% work, else im2col); a 1×1 stride-1 conv skips them all: "
             "x is its own column matrix",
             _forward(conv2d_forward_cpu), saved_backward(conv2d_backward_cpu)),
@@ -600,12 +613,19 @@ VERSIONS = (
     Version("cpu_winograd",
             "Winograd F(2×2, 3×3) for 3×3 stride 1 (Lavin & Gray 2016): 16 GEMMs over input and filter "
             "tiles transformed by numba loops, 2.25x fewer multiplies; backward-data is the same "
-            "transform on the flipped filters, dW its adjoint (16 GEMMs dU = dM Vᵀ, then dw = Gᵀ dU G; "
-            "other convs fall back to im2col)",
+            "transform on the flipped filters, dW its adjoint (16 GEMMs dU = dM Vᵀ over channels-last V and "
+            "dM, then dw = Gᵀ dU G; other convs fall back to im2col)",
             _forward(conv2d_forward_cpu, method="winograd"), saved_backward(conv2d_backward_cpu)),
+    Version("cpu_winograd4",
+            "Winograd F(4×4, 3×3) for 3×3 stride 1: 36 GEMMs (tiles × C)(C × K), 4x fewer multiplies; the "
+            "transforms vectorise along channels over a channels-last, column-phase-split copy of each chunk "
+            "of images, and the bias rides on the copy back to NCHW; backward-data is the same on the "
+            "flipped filters, dW F(2×2)'s adjoint (other convs fall back to im2col)",
+            _forward(conv2d_forward_cpu, method="winograd4"), saved_backward(conv2d_backward_cpu)),
     Version("cpu_direct",
             "no GEMM: for few input channels (C·R·S ≤ 36, the first conv) each output image is the sum of "
-            "C·R·S scaled, shifted copies of the flattened padded x, one vectorised loop each; the "
+            "C·R·S scaled, shifted copies of the flattened padded x, one vectorised loop each (a 3×3 "
+            "kernel's 9 in one loop); the "
             "backward reads the same sums the other way (stride 2 falls back to im2col)",
             _forward(conv2d_forward_cpu, method="direct"), saved_backward(conv2d_backward_cpu)),
     Version("cuda_v1",

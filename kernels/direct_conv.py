@@ -47,6 +47,16 @@ def _forward_images(x_pad, w, bias, y, n0, n1):
             z[:] = bias[kk]
             for ci in range(c):
                 x_flat = x_pad[b, ci]
+                if kh == 3 and kw == 3:  # the 9 terms in one pass: 11 memory operations per 8 outputs instead of 27
+                    g = w[kk, ci]
+                    t0, t1, t2 = x_flat[0:length], x_flat[1:1 + length], x_flat[2:2 + length]
+                    m0, m1, m2 = x_flat[wp:wp + length], x_flat[wp + 1:wp + 1 + length], x_flat[wp + 2:wp + 2 + length]
+                    lo = 2 * wp
+                    u0, u1, u2 = x_flat[lo:lo + length], x_flat[lo + 1:lo + 1 + length], x_flat[lo + 2:lo + 2 + length]
+                    for p in range(length):
+                        z[p] += (g[0, 0] * t0[p] + g[0, 1] * t1[p] + g[0, 2] * t2[p] + g[1, 0] * m0[p] + g[1, 1] * m1[p]
+                                 + g[1, 2] * m2[p] + g[2, 0] * u0[p] + g[2, 1] * u1[p] + g[2, 2] * u2[p])
+                    continue
                 for r in range(kh):
                     for s in range(kw):
                         wv, shift = w[kk, ci, r, s], r * wp + s

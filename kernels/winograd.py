@@ -16,17 +16,19 @@ Backward-weight is the adjoint of the forward, read right to left:
 
     dM_ξ[k, t] = (A dY_kt Aᵀ)_ξ,    dU_ξ = Σ_t dM_ξ[:, t] V_ξ[:, t]ᵀ,    dw[k, c] = Gᵀ dU[k, c] G
 
-16 GEMMs again (2.25x fewer multiplies than dW = dY X̂ᵀ), over V rebuilt from x.
+16 GEMMs again (2.25x fewer multiplies than dW = dY X̂ᵀ), over V rebuilt from x; V and dM are built
+channels-last (kernels/winograd_layout.py), where their transforms vectorise. kernels/winograd4.py's
+F(4×4, 3×3) uses this backward-weight too.
 """
 import numpy as np
 from numba import njit
 
-from .cpu_threads import parallel_map, task_slices
+from .cpu_threads import parallel_map, scratch, task_slices
+from .winograd_layout import copy_in, planes
 
 # V and M of one chunk of images: about this many bytes, so they stay in L2/L3
 CHUNK_BYTES = 2 << 20
 _G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]])
-_GG = np.kron(_G, _G)  # (16, 9): _GG[4a + b, 3r + s] = G[a, r]·G[b, s]
 
 
 def fits(w, stride, padding):
@@ -34,19 +36,67 @@ def fits(w, stride, padding):
     return w.shape[2:] == (3, 3) and stride == 1 and padding <= 2
 
 
-def filter_transform(w, dtype):
-    """U[4a + b, k, c] = (G g Gᵀ)[a, b] for g = w[k, c]: (16, K, C) in dtype (computed in float64), as one
-    GEMM: vec(G g Gᵀ) = (G ⊗ G) vec(g) (batched 4×4 products over the K·C filters took 10-20x longer)."""
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
+def _filter_transform(w9, g, rows, u):
+    """u[αa + b] = Σ_{r,s} G[a, r]·G[b, s]·w9[3r + s] for the K·C filters side by side in w9 (9, K·C): G
+    down the 3 filter rows into rows[a, s], then G across the 3 columns, each a loop over K·C floats."""
+    alpha, count = g.shape[0], w9.shape[1]
+    for a in range(alpha):
+        g0, g1, g2 = g[a, 0], g[a, 1], g[a, 2]
+        for s in range(3):
+            out, w0, w1, w2 = rows[a, s], w9[s], w9[3 + s], w9[6 + s]
+            for e in range(count):
+                out[e] = g0 * w0[e] + g1 * w1[e] + g2 * w2[e]
+    for a in range(alpha):
+        t0, t1, t2 = rows[a, 0], rows[a, 1], rows[a, 2]
+        for b in range(alpha):
+            g0, g1, g2 = g[b, 0], g[b, 1], g[b, 2]
+            out = u[alpha * a + b]
+            for e in range(count):
+                out[e] = g0 * t0[e] + g1 * t1[e] + g2 * t2[e]
+
+
+def filter_transform(w, dtype, g=_G):
+    """U[αa + b, k, c] = (G g Gᵀ)[a, b] for g = w[k, c]: (α², K, C) in dtype, G (α × 3) F(2×2)'s by default
+    (α = 4), as two vectorised passes over the K·C filters (0.1 ms at K·C = 8192 against 0.4 for the
+    (G ⊗ G) GEMM, whose inner dimension is 9; batched 4×4 products over the filters took 10-20x longer)."""
     k, c = w.shape[:2]
-    u = _GG @ w.transpose(2, 3, 0, 1).reshape(9, k * c).astype(np.float64)
-    return u.reshape(16, k, c).astype(dtype)
+    w9 = np.ascontiguousarray(w.transpose(2, 3, 0, 1), dtype).reshape(9, k * c)
+    u = np.empty((len(g) ** 2, k * c), dtype)
+    _filter_transform(w9, g.astype(dtype), np.empty((len(g), 3, k * c), dtype), u)
+    return u.reshape(-1, k, c)
 
 
-def filter_transform_adjoint(du, dtype):
-    """dw[k, c] = Gᵀ dU[:, k, c] G for dU (16, K, C): the adjoint of filter_transform, (K, C, 3, 3) in dtype."""
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
+def _filter_transform_adjoint(du, g, rows, dw9):
+    """dw9[3r + s] = Σ_{a,b} G[a, r]·G[b, s]·du[αa + b] over the K·C filters, in float64 (rows, dw9): Gᵀ
+    across the α columns into rows[a, s], then down the α rows; the adjoint of _filter_transform."""
+    alpha, count = g.shape[0], du.shape[1]
+    for a in range(alpha):
+        for s in range(3):
+            out = rows[a, s]
+            out[:] = 0
+            for b in range(alpha):
+                gb, plane = g[b, s], du[alpha * a + b]
+                for e in range(count):
+                    out[e] += gb * plane[e]
+    for r in range(3):
+        for s in range(3):
+            out = dw9[3 * r + s]
+            out[:] = 0
+            for a in range(alpha):
+                ga, t = g[a, r], rows[a, s]
+                for e in range(count):
+                    out[e] += ga * t[e]
+
+
+def filter_transform_adjoint(du, dtype, g=_G):
+    """dw[k, c] = Gᵀ dU[:, k, c] G for dU (α², K, C): the adjoint of filter_transform, (K, C, 3, 3) in dtype
+    (summed in float64: 0.1 ms at K·C = 8192, against 0.4 for the (G ⊗ G)ᵀ GEMM)."""
     _, k, c = du.shape
-    dw = _GG.T @ du.reshape(16, k * c).astype(np.float64)
-    return np.ascontiguousarray(dw.reshape(3, 3, k, c).transpose(2, 3, 0, 1), dtype=dtype)
+    dw9 = np.empty((9, k * c))
+    _filter_transform_adjoint(du.reshape(-1, k * c), g, np.empty((len(g), 3, k * c)), dw9)
+    return np.ascontiguousarray(dw9.reshape(3, 3, k, c).transpose(2, 3, 0, 1), dtype=dtype)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
@@ -110,35 +160,66 @@ def _output_transform(mm, bias, y, n0, th, tw, m):
                             y1[j + 1] = s11 - s12 - s13 + bk
 
 
-@njit(cache=True, fastmath=True, nogil=True)
-def _output_transform_adjoint(dy, dm, n0, th, tw, m):
-    """dm[ξ, k, t] = (A dY Aᵀ)_ξ for the 2×2 tile dY of dy[n0 + n, k] at tile t, zero where the tile hangs
-    over dy's edge: the adjoint of _output_transform (y = Aᵀ M A), as dW needs it."""
-    ho, wo = dy.shape[2], dy.shape[3]
-    for kk in range(dy.shape[1]):
-        for n in range(m):
-            for ti in range(th):
-                base = (n * th + ti) * tw
-                i = 2 * ti
-                two_rows = i + 1 < ho
-                d0 = dy[n0 + n, kk, i]
-                d1 = dy[n0 + n, kk, i + 1] if two_rows else d0
-                for tj in range(tw):
-                    j = 2 * tj
-                    two_cols = j + 1 < wo
-                    a00 = d0[j]
-                    a01 = d0[j + 1] if two_cols else 0
-                    a10 = d1[j] if two_rows else 0
-                    a11 = d1[j + 1] if two_rows and two_cols else 0
-                    # A dY (four rows from the two) ...
-                    e00, e01, e10, e11 = a00, a01, a00 + a10, a01 + a11
-                    e20, e21, e30, e31 = a00 - a10, a01 - a11, -a10, -a11
-                    t = base + tj
-                    # ... times Aᵀ (four columns from the two)
-                    dm[0, kk, t], dm[1, kk, t], dm[2, kk, t], dm[3, kk, t] = e00, e00 + e01, e00 - e01, -e01
-                    dm[4, kk, t], dm[5, kk, t], dm[6, kk, t], dm[7, kk, t] = e10, e10 + e11, e10 - e11, -e11
-                    dm[8, kk, t], dm[9, kk, t], dm[10, kk, t], dm[11, kk, t] = e20, e20 + e21, e20 - e21, -e21
-                    dm[12, kk, t], dm[13, kk, t], dm[14, kk, t], dm[15, kk, t] = e30, e30 + e31, e30 - e31, -e31
+@njit(inline="always", fastmath=True)
+def _bt(d0, d1, d2, d3):
+    """Bᵀ d for one 4-vector d."""
+    return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+
+@njit(inline="always", fastmath=True)
+def _a(e0, e1):
+    """A e for one 2-vector e (A is Aᵀ's transpose, 4 × 2): what the adjoint of y = Aᵀ M A applies."""
+    return e0, e0 + e1, e0 - e1, -e1
+
+
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
+def _input_transform_channels_last(xp, m, th, tw, rows, v):
+    """v[4a + b, t·C + c] = (Bᵀ d B)[a, b] for channel c of every tile t of the m images of xp (the
+    layout of kernels/winograd_layout.py, two phases), tile rows one at a time: Bᵀ down the 4 patch
+    rows into rows[a, s], then B across those 4 columns, each a loop over (tiles in a row × C) floats."""
+    length = rows.shape[2]
+    c = length // tw
+    for n in range(m):
+        for ti in range(th):
+            h = 2 * ti
+            for s in range(4):  # patch column s of tile tj is padded column 2tj + s: phase s % 2, q = tj + s // 2
+                start = (s // 2) * c
+                x0, x1 = xp[n, h, s % 2, start:start + length], xp[n, h + 1, s % 2, start:start + length]
+                x2, x3 = xp[n, h + 2, s % 2, start:start + length], xp[n, h + 3, s % 2, start:start + length]
+                r0, r1, r2, r3 = rows[0, s], rows[1, s], rows[2, s], rows[3, s]
+                for e in range(length):
+                    r0[e], r1[e], r2[e], r3[e] = _bt(x0[e], x1[e], x2[e], x3[e])
+            e0 = (n * th + ti) * length
+            for a in range(4):
+                d0, d1, d2, d3 = rows[a, 0], rows[a, 1], rows[a, 2], rows[a, 3]
+                v0, v1 = v[4 * a, e0:e0 + length], v[4 * a + 1, e0:e0 + length]
+                v2, v3 = v[4 * a + 2, e0:e0 + length], v[4 * a + 3, e0:e0 + length]
+                for e in range(length):
+                    v0[e], v1[e], v2[e], v3[e] = _bt(d0[e], d1[e], d2[e], d3[e])
+
+
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
+def _output_transform_adjoint(dyp, m, th, tw, rows, dm):
+    """dm[4a + b, t·K + k] = (A dY Aᵀ)[a, b] for the 2×2 tile dY of channel k at tile t, from dyp (dy in
+    the layout of kernels/winograd_layout.py, two phases, 0 where a tile hangs over dy's edge): the
+    adjoint of _output_transform (y = Aᵀ M A), as dW needs it. A down the tile's 2 rows into rows[a, p],
+    then A across the 2 columns."""
+    length = rows.shape[2]
+    for n in range(m):
+        for ti in range(th):
+            h = 2 * ti
+            for p in range(2):
+                y0, y1 = dyp[n, h, p, :length], dyp[n, h + 1, p, :length]
+                r0, r1, r2, r3 = rows[0, p], rows[1, p], rows[2, p], rows[3, p]
+                for e in range(length):
+                    r0[e], r1[e], r2[e], r3[e] = _a(y0[e], y1[e])
+            e0 = (n * th + ti) * length
+            for a in range(4):
+                d0, d1 = rows[a, 0], rows[a, 1]
+                o0, o1 = dm[4 * a, e0:e0 + length], dm[4 * a + 1, e0:e0 + length]
+                o2, o3 = dm[4 * a + 2, e0:e0 + length], dm[4 * a + 3, e0:e0 + length]
+                for e in range(length):
+                    o0[e], o1[e], o2[e], o3[e] = _a(d0[e], d1[e])
 
 
 def _planes(rows, cols, dtype):
@@ -194,28 +275,39 @@ def conv2d_forward_winograd(x, w, b, padding):
 
 
 def conv2d_backward_weight_winograd(x, dy, padding):
-    """dw (K, C, 3, 3) of conv2d_forward_winograd(x, w, ·, padding): dU_ξ = Σ_t dM_ξ V_ξᵀ over chunks
-    of images on the pool, each task summing its own chunks in order; the task sums are added in task
-    order, so the bits do not depend on the threads. Then dw = Gᵀ dU G."""
+    """dw (K, C, 3, 3) of conv2d_forward_winograd(x, w, ·, padding), and of F(4×4)'s (kernels/winograd4.py),
+    whose own adjoint rounds ~10x worse in float32 (3-6e-6 of max|dw| against 5e-7; up to 2.9x the
+    harness tolerance at 28×28 C32) for at best 8-25% less time: dU_ξ = Σ_t dM_ξᵀ V_ξ over chunks of
+    images on the pool, each task summing its own chunks in order; the task sums are added in task
+    order, so the bits do not depend on the threads. Then dw = Gᵀ dU G. V and dM are built
+    channels-last (kernels/winograd_layout.py), where their transforms vectorise."""
     n, c = x.shape[:2]
     k = dy.shape[1]
     dtype = np.result_type(x, dy)
     _, _, th, tw, nb = _tiling(x, k, padding, dtype)
+    x, dy = np.ascontiguousarray(x, dtype), np.ascontiguousarray(dy, dtype)  # copy_in reads flat images
     starts = range(0, n, nb)
     tasks = task_slices(len(starts))
-    du_terms = np.zeros((len(tasks), 16, k, c), dtype)
+    du_terms = scratch("winograd dW partials", (len(tasks), 16, k, c), dtype)  # fresh zeros: ~1 ms of page faults
 
     def run(i):
-        xp = np.zeros((c, nb, 2 * th + 2, 2 * tw + 2), dtype)
-        v, dm = _planes(c, nb * th * tw, dtype), _planes(k, nb * th * tw, dtype)
-        chunk_du = np.empty((16, k, c), dtype)
+        xp = scratch("winograd dW x", (nb, 2 * th + 2, 2, (tw + 1) * c), dtype)
+        dyp = scratch("winograd dW dy", (nb, 2 * th, 2, tw * k), dtype)
+        x_rows, dy_rows = scratch("winograd dW x rows", (4, 4, tw * c), dtype), scratch("winograd dW dy rows", (4, 2, tw * k), dtype)
+        v, dm = planes("winograd dW V", 16, nb * th * tw, c, dtype), planes("winograd dW dM", 16, nb * th * tw, k, dtype)
+        chunk_du = scratch("winograd dW dU", (16, k, c), dtype)
         for n0 in starts[tasks[i]]:
             m = min(nb, n - n0)
             tiles = m * th * tw
-            _transform_chunk(x, xp, v, n0, m, padding, th, tw)
-            _output_transform_adjoint(dy, dm, n0, th, tw, m)
-            np.matmul(dm[:, :, :tiles], v[:, :, :tiles].transpose(0, 2, 1), out=chunk_du)
-            du_terms[i] += chunk_du
+            copy_in(x, n0, m, padding, xp)
+            _input_transform_channels_last(xp, m, th, tw, x_rows, v)
+            copy_in(dy, n0, m, 0, dyp)
+            _output_transform_adjoint(dyp, m, th, tw, dy_rows, dm)
+            first = n0 == starts[tasks[i]][0]  # the task's first chunk writes its partial sum, the others add
+            np.matmul(dm[:, :tiles * k].reshape(16, tiles, k).transpose(0, 2, 1),
+                      v[:, :tiles * c].reshape(16, tiles, c), out=du_terms[i] if first else chunk_du)
+            if not first:
+                du_terms[i] += chunk_du
     parallel_map(run, range(len(tasks)))
     du = np.zeros((16, k, c), dtype)
     for term in du_terms:  # in task order, as a serial loop would

@@ -7,7 +7,7 @@ import pytest
 from threadpoolctl import threadpool_info
 
 import tinyddpm  # noqa: F401  (importing it is what limits BLAS)
-from tinyddpm.kernels import attention, cpu_threads, shifted_gemm, winograd
+from tinyddpm.kernels import attention, cpu_threads, shifted_gemm, winograd, winograd4
 from tinyddpm.kernels.attention import attention_backward_cpu, attention_forward_cpu
 from tinyddpm.kernels.conv2d import conv2d_backward_cpu, conv2d_forward_cpu
 from tinyddpm.kernels.group_norm import group_norm_backward_cpu, group_norm_forward_cpu
@@ -53,6 +53,7 @@ def _attention_row_blocks(rng):
 
 CASES = {
     "conv2d winograd": lambda rng: _conv("winograd", 8, 3, rng),
+    "conv2d winograd4": lambda rng: _conv("winograd4", 8, 3, rng),
     "conv2d shifted": lambda rng: _conv("shifted", 3, 3, rng),
     "conv2d direct": lambda rng: _conv("direct", 2, 3, rng),
     "conv2d pointwise": lambda rng: _conv("auto", 6, 1, rng),
@@ -68,6 +69,7 @@ def test_results_are_the_same_bits_for_one_thread_and_for_the_pool(name, monkeyp
     """Each task writes its own part and partial sums are added in task order, so neither the thread
     count nor which thread ran which task can move a bit (the run stays repeatable on any machine)."""
     monkeypatch.setattr(winograd, "CHUNK_BYTES", 1)      # one image per chunk: several tasks even at N = 7
+    monkeypatch.setattr(winograd4, "CHUNK_BYTES", 1)
     monkeypatch.setattr(shifted_gemm, "CHUNK_BYTES", 1)
     monkeypatch.setattr(cpu_threads, "POOL_MIN_ELEMENTS", 0)  # row-wise ops: several tasks at these sizes too
     monkeypatch.setenv("TINYDDPM_NUM_THREADS", "2")

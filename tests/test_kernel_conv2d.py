@@ -99,7 +99,7 @@ def test_reference_backward_matches_finite_differences(shape):
 
 # ---- the CPU implementation --------------------------------------------------------------------
 @given(shape=conv_shapes(), dtype=st.sampled_from([np.float32, np.float64]), with_bias=st.booleans(),
-       seed=st.integers(0, 2**16), method=st.sampled_from(["auto", "im2col", "shifted", "winograd", "direct"]))
+       seed=st.integers(0, 2**16), method=st.sampled_from(["auto", "im2col", "shifted", "winograd", "winograd4", "direct"]))
 @example(shape=(2, 3, 4, 5, 4, 1, 1, 1, 1), dtype=np.float32, with_bias=True, seed=0, method="auto")  # 1×1, padded
 @example(shape=(3, 2, 7, 6, 5, 1, 1, 2, 0), dtype=np.float64, with_bias=False, seed=0, method="auto")  # 1×1, strided
 @example(shape=(2, 3, 9, 8, 4, 3, 3, 1, 1), dtype=np.float32, with_bias=True, seed=0, method="shifted")
@@ -123,7 +123,7 @@ def test_cpu_matches_reference(shape, dtype, with_bias, seed, method):
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=name)
 
 
-@pytest.mark.parametrize("method", ["im2col", "shifted", "winograd", "direct"])
+@pytest.mark.parametrize("method", ["im2col", "shifted", "winograd", "winograd4", "direct"])
 @pytest.mark.parametrize("shape", [(2, 2, 4, 3, 3, 3, 3, 1, 1), (1, 3, 5, 4, 2, 2, 3, 1, 0), (2, 2, 5, 5, 2, 3, 3, 2, 1),
                                    (1, 2, 5, 6, 2, 3, 3, 1, 2)])
 def test_cpu_backward_matches_finite_differences(method, shape):
@@ -137,7 +137,7 @@ def test_cpu_backward_matches_finite_differences(method, shape):
         np.testing.assert_allclose(analytic, numeric_gradient(objective, wrt), rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("method", ["auto", "im2col", "shifted", "winograd", "direct"])
+@pytest.mark.parametrize("method", ["auto", "im2col", "shifted", "winograd", "winograd4", "direct"])
 def test_cpu_backward_without_dx_gives_the_same_dw_and_db(method):
     """need_dx=False (x needs no gradient, as the U-Net's first conv) skips dx and changes nothing else."""
     for shape in [(2, 9, 6, 5, 3, 3, 3, 1, 1), (2, 3, 5, 4, 2, 1, 1, 1, 0)]:
@@ -164,6 +164,34 @@ def test_winograd_gives_the_same_result_in_chunks_of_one_image(monkeypatch):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["auto", "im2col", "shifted", "winograd", "winograd4", "direct"])
+def test_cpu_takes_strided_views(method):
+    """x and dy as non-contiguous views (a channel slice, a transposed batch) give what their contiguous
+    copies give: the channels-last copies read whole images, so the kernels must make them flat first."""
+    x_big, w, b, _ = make_problem((3, 20, 9, 7, 4, 3, 3, 1, 1), np.float32, seed=10, offset=0.8)
+    x = x_big[:, ::2]  # 10 channels, every other one
+    y, saved = conv.conv2d_forward_cpu(x, w[:, :10], b, 1, 1, method)
+    want_y, want_saved = conv.conv2d_forward_cpu(np.ascontiguousarray(x), w[:, :10], b, 1, 1, method)
+    np.testing.assert_array_equal(y, want_y)
+    dy = np.random.default_rng(11).standard_normal(y.shape[::-1]).astype(np.float32).T  # a transposed view
+    wants = conv.conv2d_backward_cpu(want_saved, np.ascontiguousarray(dy))
+    for got, want in zip(conv.conv2d_backward_cpu(saved, dy), wants):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_winograd4_gives_the_same_result_in_chunks_of_one_image(monkeypatch):
+    """F(4×4)'s chunks (V and M kept in cache, per-thread scratch buffers reused from chunk to chunk)
+    change no value: each tile's sums are the same whatever else is in its chunk."""
+    from tinyddpm.kernels import winograd4
+    x, w, b, dy = make_problem((5, 9, 7, 6, 4, 3, 3, 1, 1), np.float64, seed=9, offset=0.6)
+    whole_y, saved = conv.conv2d_forward_cpu(x, w, b, 1, 1, "winograd4")
+    whole_dx = conv.conv2d_backward_cpu(saved, dy)[0]
+    monkeypatch.setattr(winograd4, "CHUNK_BYTES", 1)  # one image per chunk
+    y, saved = conv.conv2d_forward_cpu(x, w, b, 1, 1, "winograd4")
+    np.testing.assert_allclose(y, whole_y, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(conv.conv2d_backward_cpu(saved, dy)[0], whole_dx, rtol=1e-12, atol=1e-12)
+
+
 def test_shifted_gemm_gives_the_same_result_in_chunks_of_one_image(monkeypatch):
     """Chunking the batch (to keep the GEMM output in cache) changes no value: one image per chunk."""
     from tinyddpm.kernels import shifted_gemm
@@ -178,11 +206,12 @@ def test_shifted_gemm_gives_the_same_result_in_chunks_of_one_image(monkeypatch):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)  # dW sums chunk by chunk: another order
 
 
-def test_auto_picks_direct_then_winograd_then_the_shifted_gemm_then_im2col():
+def test_auto_picks_direct_then_winograd4_then_the_shifted_gemm_then_im2col():
     w = np.zeros((4, 8, 3, 3), np.float32)
     x28, x7 = np.zeros((1, 8, 28, 28), np.float32), np.zeros((1, 8, 7, 7), np.float32)
-    assert conv._method(x28, w, 1, 1, 28, 28, "auto") == "winograd"
-    assert conv._method(x7, w, 1, 1, 7, 7, "auto") == "winograd"
+    assert conv._method(x28, w, 1, 1, 28, 28, "auto") == "winograd4"
+    assert conv._method(x7, w, 1, 1, 7, 7, "auto") == "winograd4"
+    assert conv._method(x7, w, 1, 1, 7, 7, "winograd") == "winograd"  # F(2×2) when asked for
     assert conv._method(x28[:, :1], w[:, :1], 1, 1, 28, 28, "auto") == "direct"  # the first conv: 9 products
     assert conv._method(x28[:, :4], w[:, :4], 1, 1, 28, 28, "auto") == "direct"  # 36
     assert conv._method(x28[:, :5], w[:, :5], 1, 1, 28, 28, "auto") == "shifted"  # 45; 900/784 = 1.15
@@ -193,6 +222,7 @@ def test_auto_picks_direct_then_winograd_then_the_shifted_gemm_then_im2col():
         conv._method(x28, w, 1, 1, 28, 28, "fft")
     assert conv._method(x28, w, 2, 1, 14, 14, "shifted") == "im2col"  # stride 2
     assert conv._method(x28, w, 2, 1, 14, 14, "winograd") == "im2col"
+    assert conv._method(x28, w, 2, 1, 14, 14, "winograd4") == "im2col"
     assert conv._method(x28, w[:, :, :1, :1], 1, 0, 28, 28, "winograd") == "pointwise"
 
 
@@ -213,6 +243,28 @@ def test_winograd_matches_reference_in_float32(shape, with_bias, seed):
                                conv.conv2d_backward_reference(as64[0], as64[1], as64[3], stride, padding)):
         assert got.dtype == np.float32 and got.shape == want.shape and got.flags.c_contiguous, name
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-4, err_msg=name)
+
+
+@given(shape=conv_shapes(max_extra=9), with_bias=st.booleans(), seed=st.integers(0, 2**16))
+@example(shape=(2, 3, 9, 8, 4, 3, 3, 1, 1), with_bias=True, seed=0)  # Ho, Wo not multiples of 4: tiles hang over
+@example(shape=(1, 2, 3, 3, 3, 3, 3, 1, 0), with_bias=False, seed=0)  # one output pixel
+@example(shape=(3, 9, 11, 13, 5, 3, 3, 1, 1), with_bias=True, seed=1)  # several tiles per row and column
+@example(shape=(2, 4, 5, 6, 3, 3, 3, 1, 2), with_bias=True, seed=2)  # padding 2
+def test_winograd4_matches_reference_in_float32(shape, with_bias, seed):
+    """float32 F(4×4) against the float64 reference, offset inputs and a random upstream gradient. Its
+    transforms amplify float32 rounding ~10x F(2×2)'s, so the tolerance is float32-sized relative to the
+    largest output (4e-6 of it measured at the U-Net's shapes)."""
+    x, w, b, dy = make_problem(shape, np.float32, seed, offset=1.5)
+    b = b if with_bias else None
+    stride, padding = shape[-2:]
+    y, saved = conv.conv2d_forward_cpu(x, w, b, stride, padding, "winograd4")
+    as64 = [None if a is None else a.astype(np.float64) for a in (x, w, b, dy)]
+    want = conv.conv2d_forward_reference(*as64[:3], stride, padding)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=2e-5 * np.abs(want).max())
+    for name, got, want in zip(("dx", "dw", "db"), conv.conv2d_backward_cpu(saved, dy),
+                               conv.conv2d_backward_reference(as64[0], as64[1], as64[3], stride, padding)):
+        assert got.dtype == np.float32 and got.shape == want.shape and got.flags.c_contiguous, name
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5 * np.abs(want).max(), err_msg=name)
 
 
 # ---- the CUDA versions, in numba's simulator ---------------------------------------------------
