@@ -109,7 +109,7 @@ def _chunks(n, rows_per_image, row_bytes):
 
 def conv2d_forward_shifted(x, w, b, padding, out_h, out_w):
     """y = Σ_r shift_r(X_S W_cat) + b, stride 1 -> (y, saved). X_S lives one chunk at a time (the
-    backward rebuilds it from x, cheaper than keeping it: see the README), so saved is x itself.
+    backward rebuilds it from x, cheaper than keeping it), so saved is x itself.
     Chunks run on the pool of kernels/cpu_threads.py, each task with buffers of its own."""
     n, c, h, width = x.shape
     k, _, kh, kw = w.shape
