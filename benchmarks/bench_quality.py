@@ -5,7 +5,7 @@
                                        [--name NAME] [--samplers ddim:50,dpmpp2m:20]
                                        [--guidance-grid 0,0.25,0.5,0.75,1,1.5] [--guidance-interval LO,HI]
                                        [--guidance-space eps|x0] [--guidance-schedule constant|rising|falling]
-                                       [--seed 0] [--out DIR] [--plot PATH]
+                                       [--seed 0] [--jobs 1] [--out DIR] [--plot PATH]
     python benchmarks/bench_quality.py --rank DIR [DIR ...] [--plot PATH]
 
 It drives the `tinyddpm` commands themselves (`train`, then `eval --checkpoint --json` once per sampler
@@ -18,22 +18,30 @@ stands the metric's own floor: the classifier-FID of n real images at the same n
 training images with --data-dir; without it, images of the embedded subset, which the judge saw in
 training, so that floor is a little optimistic).
 
+With --jobs J the rows are sampled J at a time, each `tinyddpm eval` in its own process on cores/J threads:
+two single-threaded processes keep 2 cores busier than one process of two threads (whose threads meet at
+every op), and the rows' scores do not depend on the thread count.
+
 With --out the run is kept: <out>/bench_quality.json holds the training command, its seconds and every
 row measured, so a later command with the same recipe and --out samples only the rows it lacks, and
 --rank re-ranks (and --plot draws) the rows of several runs without sampling anything.
 """
 import argparse
 import contextlib
+import fcntl
 import io
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
 
 from tinyddpm import cli, data, evaluation
+from tinyddpm.kernels import cpu_threads
 from tinyddpm.diffusion import SAMPLERS
 from tinyddpm.guidance import GUIDANCE_SCHEDULES, GUIDANCE_SPACES
 
@@ -94,6 +102,8 @@ def parse_args(argv=None):
     p.add_argument("--guidance-schedule", choices=GUIDANCE_SCHEDULES, default="constant",
                    help="passed to `tinyddpm eval` (default constant)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=cli._int_at_least(1), default=1,
+                   help="rows sampled at a time, each in its own process on cores/jobs threads (default 1)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where `tinyddpm train` and `eval` run (default cpu; cuda for --preset base on a GPU)")
     p.add_argument("--out", help="run directory, kept and reused by the same recipe (default: a temporary one)")
@@ -155,12 +165,18 @@ def read_record(out):
         return {"rows": [], **json.load(f)}  # records from before the frontier hold no rows
 
 
-def write_record(out, record):
-    """Atomically (a row measured in an hour must not be lost to a half-written file)."""
-    tmp = os.path.join(out, RECORD + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, os.path.join(out, RECORD))
+def write_record(out, record, row=None):
+    """Write the record atomically (a row measured in an hour must not be lost to a half-written file), with
+    the rows on disk plus `row`: other commands may be sampling other rows of the same run at the same time,
+    so the file is read again under a lock and their rows are kept too."""
+    with open(os.path.join(out, RECORD + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        on_disk = read_record(out)
+        record["rows"] = (on_disk or record)["rows"] + ([row] if row else [])
+        tmp = os.path.join(out, RECORD + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(tmp, os.path.join(out, RECORD))
 
 
 def device_flag(args):
@@ -199,23 +215,57 @@ def curve_key(row):
     return (row["sampler"], row["steps"], row["interval"], row["space"], row["schedule"], row["n"], row["seed"])
 
 
-def measure(args, out, record, sampler, steps, w, floor):
-    """The row of (sampler, steps, w) and this command's guidance variant, n and seed: the kept one, else
-    sampled and scored now and kept."""
-    row = {"sampler": sampler, "steps": steps, "guidance": w, **guidance_variant(args), "n": args.n, "seed": args.seed}
-    for kept in record["rows"]:
-        if {k: kept[k] for k in row} == row:
-            return kept
-    argv = ["eval", "--checkpoint", os.path.join(out, "checkpoint.npz"), "--n", str(args.n), "--sampler", sampler,
-            "--steps", str(steps), "--guidance", str(w), "--guidance-space", args.guidance_space,
-            "--guidance-schedule", args.guidance_schedule, "--seed", str(args.seed), "--json", *device_flag(args)]
+def row_key(args, sampler, steps, w):
+    """What a row measured: the sampler, its steps, w, this command's guidance variant, n and seed."""
+    return {"sampler": sampler, "steps": steps, "guidance": w, **guidance_variant(args), "n": args.n,
+            "seed": args.seed}
+
+
+def kept_row(record, key):
+    return next((kept for kept in record["rows"] if {k: kept[k] for k in key} == key), None)
+
+
+def eval_argv(args, out, key):
+    argv = ["eval", "--checkpoint", os.path.join(out, "checkpoint.npz"), "--n", str(args.n), "--sampler",
+            key["sampler"], "--steps", str(key["steps"]), "--guidance", str(key["guidance"]), "--guidance-space",
+            args.guidance_space, "--guidance-schedule", args.guidance_schedule, "--seed", str(args.seed), "--json",
+            *device_flag(args)]
     if args.guidance_interval:
         argv += ["--guidance-interval", args.guidance_interval]
-    score, seconds = capture_json(argv)
-    row.update({k: score[k] for k in SCORES}, sample_seconds=seconds, floor=floor)
-    record["rows"].append(row)
-    write_record(out, record)
-    return row
+    return argv
+
+
+def capture_json_in_child(argv, threads):
+    """(the JSON object `tinyddpm argv` prints, seconds it took), run in a process of its own on `threads`
+    threads; raises SystemExit with its last error line if it failed."""
+    env = {**os.environ, "TINYDDPM_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "tinyddpm", *argv], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise SystemExit(f"`tinyddpm {' '.join(argv)}` failed: {last}")
+    return json.loads(done.stdout), time.perf_counter() - t0
+
+
+def measure(args, out, record, keys, floor):
+    """Yield the row of every key (row_key): the kept one, else sampled and scored now and kept at once.
+    With one job in the order of `keys`; with --jobs J the kept rows first, then the others as they finish."""
+    def keep(key, score, seconds):
+        row = {**key, **{k: score[k] for k in SCORES}, "sample_seconds": seconds, "floor": floor}
+        write_record(out, record, row)
+        return row
+
+    if args.jobs == 1:
+        for key in keys:
+            yield kept_row(record, key) or keep(key, *capture_json(eval_argv(args, out, key)))
+        return
+    todo = [key for key in keys if kept_row(record, key) is None]
+    yield from (kept_row(record, key) for key in keys if key not in todo)
+    threads = max(1, cpu_threads.num_threads() // args.jobs)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = {pool.submit(capture_json_in_child, eval_argv(args, out, key), threads): key for key in todo}
+        for future in as_completed(futures):
+            yield keep(futures[future], *future.result())
 
 
 def frontier_points(rows, min_accuracy=MIN_ACCURACY):
@@ -339,14 +389,13 @@ def main(argv=None):
               f"{floor:.2f} from {args.n} {source}")
         print("| recipe | sampler | guidance | w | classifier FID | accuracy | confidence | class entropy | sample s |")
         print("|---|---|---|---:|---:|---:|---:|---:|---:|", flush=True)
+        keys = [row_key(args, sampler, steps, w) for sampler, steps in args.samplers for w in args.guidance_grid]
         measured = []
-        for sampler, steps in args.samplers:  # each row as soon as it is measured
-            for w in args.guidance_grid:
-                row = measure(args, out, record, sampler, steps, w, floor)
-                measured.append(row)
-                print(f"| {name} | {sampler} {steps} | {describe_guidance(curve_key(row))} | {w:g} | "
-                      f"{row['fid']:.2f} | {row['accuracy']:.2%} | {row['confidence']:.4f} | "
-                      f"{row['class_entropy']:.4f} | {row['sample_seconds']:.0f} |", flush=True)
+        for row in measure(args, out, record, keys, floor):  # each row as soon as it is measured
+            measured.append(row)
+            print(f"| {name} | {row['sampler']} {row['steps']} | {describe_guidance(curve_key(row))} | "
+                  f"{row['guidance']:g} | {row['fid']:.2f} | {row['accuracy']:.2%} | {row['confidence']:.4f} | "
+                  f"{row['class_entropy']:.4f} | {row['sample_seconds']:.0f} |", flush=True)
         found = curves([(name, {**record, "rows": measured})])
         print()
         print(ranking_table(found))

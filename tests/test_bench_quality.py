@@ -76,6 +76,51 @@ def test_a_kept_run_samples_only_the_rows_it_lacks_and_refuses_another_recipe(of
         bench_quality.main(SMOKE + ["--samplers", "ddim:2", "--out", run, "--min-snr-gamma", "3"])
 
 
+def test_rows_sampled_in_parallel_processes_score_as_in_one(offline, capsys, tmp_path, monkeypatch):
+    serial, parallel = str(tmp_path / "serial"), str(tmp_path / "parallel")
+    argv = SMOKE + ["--samplers", "ddim:2", "--guidance-grid", "0,1,2"]
+    bench_quality.main(argv + ["--out", serial])
+    capsys.readouterr()
+    in_process = bench_quality.capture_json
+
+    def floor_only(argv):  # the real-data floor is scored here; rows are sampled in the children
+        assert "--checkpoint" not in argv, "a row sampled in this process"
+        return in_process(argv)
+    monkeypatch.setattr(bench_quality, "capture_json", floor_only)
+    children = []
+    real = bench_quality.capture_json_in_child
+
+    def counting(argv, threads):
+        children.append(threads)
+        return real(argv, threads)
+    monkeypatch.setattr(bench_quality, "capture_json_in_child", counting)
+    monkeypatch.setenv("TINYDDPM_NUM_THREADS", "4")
+    bench_quality.main(argv + ["--out", parallel, "--jobs", "2"])
+    assert children == [2, 2, 2]  # cores / jobs threads each
+    rows = {}
+    for run in (serial, parallel):
+        record = json.loads(open(os.path.join(run, bench_quality.RECORD)).read())
+        rows[run] = sorted((r["guidance"], r["fid"], r["accuracy"]) for r in record["rows"])
+    assert rows[parallel] == rows[serial]  # the same images whatever the thread count: the same scores
+    # kept rows are not sampled again
+    capsys.readouterr()
+    del children[:]
+    bench_quality.main(argv + ["--out", parallel, "--jobs", "2"])
+    assert children == [] and len(table(capsys.readouterr().out, "| recipe | sampler |")) == 3
+
+
+def test_two_commands_sampling_from_one_run_keep_each_others_rows(tmp_path):
+    out = str(tmp_path)
+    bench_quality.write_record(out, {"train_argv": ["train"], "train_seconds": 1.0, "rows": []})
+    first, second = bench_quality.read_record(out), bench_quality.read_record(out)  # both started before a row
+    bench_quality.write_record(out, first, {"guidance": 1.0})
+    bench_quality.write_record(out, second, {"guidance": 2.0})
+    second["name"] = "renamed"
+    bench_quality.write_record(out, second)
+    on_disk = bench_quality.read_record(out)
+    assert on_disk["rows"] == [{"guidance": 1.0}, {"guidance": 2.0}] and on_disk["name"] == "renamed"
+
+
 def hand_made_run(directory, name, rows, train_seconds=100.0):
     os.makedirs(directory)
     base = {"sampler": "dpmpp2m", "steps": 20, "interval": None, "space": "eps", "schedule": "constant", "n": 5000,
