@@ -6,7 +6,7 @@
                                        [--guidance-grid 0,0.25,0.5,0.75,1,1.5] [--guidance-interval LO,HI]
                                        [--guidance-space eps|x0] [--guidance-schedule constant|rising|falling]
                                        [--seed 0] [--jobs 1] [--out DIR] [--plot PATH]
-    python benchmarks/bench_quality.py --rank DIR [DIR ...] [--plot PATH]
+    python benchmarks/bench_quality.py --rank DIR [DIR ...] [--n 5000] [--plot PATH]
 
 It drives the `tinyddpm` commands themselves (`train`, then `eval --checkpoint --json` once per sampler
 and guidance w), so a row measures exactly what a user runs; an ablation is one command per recipe flag.
@@ -24,7 +24,8 @@ every op), and the rows' scores do not depend on the thread count.
 
 With --out the run is kept: <out>/bench_quality.json holds the training command, its seconds and every
 row measured, so a later command with the same recipe and --out samples only the rows it lacks, and
---rank re-ranks (and --plot draws) the rows of several runs without sampling anything.
+--rank re-ranks (and --plot draws) the rows of several runs without sampling anything, those of one n at a
+time (cFID shrinks as n grows).
 """
 import argparse
 import contextlib
@@ -108,8 +109,8 @@ def parse_args(argv=None):
                    help="where `tinyddpm train` and `eval` run (default cpu; cuda for --preset base on a GPU)")
     p.add_argument("--out", help="run directory, kept and reused by the same recipe (default: a temporary one)")
     p.add_argument("--plot", metavar="PATH", help="also draw the frontiers (cFID against accuracy) into a PNG")
-    p.add_argument("--rank", nargs="+", metavar="DIR", help="no training or sampling: rank the rows kept in these "
-                   "--out directories by the best cFID with accuracy >= 99%%")
+    p.add_argument("--rank", nargs="+", metavar="DIR", help="no training or sampling: rank the rows of --n images "
+                   "kept in these --out directories by the best cFID with accuracy >= 99%%")
     return p.parse_args(argv)
 
 
@@ -357,15 +358,19 @@ def plot_frontier(found, path, min_accuracy=MIN_ACCURACY):
         plt.close(fig)
 
 
-def rank(directories, plot=None):
-    """Print the ranking of the rows kept in several --out directories (and plot them): no sampling."""
+def rank(directories, n, plot=None):
+    """Print the ranking of the rows of n images kept in several --out directories (and plot them): no
+    sampling. Only one n at a time: classifier-FID shrinks as n grows, so rows of two n don't compare."""
     records = []
     for directory in directories:
         record = read_record(directory)
         if record is None:
             raise SystemExit(f"{directory}: no {RECORD} (a bench_quality.py run kept with --out)")
-        records.append((record.get("name", directory), record))
+        rows = [row for row in record["rows"] if row["n"] == n]
+        records.append((record.get("name", directory), {**record, "rows": rows}))
     found = curves(records)
+    if not found:
+        raise SystemExit(f"no rows of --n {n} images kept in {', '.join(directories)}")
     print(ranking_table(found))
     if plot:
         plot_frontier(found, plot)
@@ -374,7 +379,7 @@ def rank(directories, plot=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.rank:
-        return rank(args.rank, args.plot)
+        return rank(args.rank, args.n, args.plot)
     flags, name = recipe(args)
     with tempfile.TemporaryDirectory() as scratch:
         out = args.out or os.path.join(scratch, "run")

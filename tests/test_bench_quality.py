@@ -121,9 +121,9 @@ def test_two_commands_sampling_from_one_run_keep_each_others_rows(tmp_path):
     assert on_disk["rows"] == [{"guidance": 1.0}, {"guidance": 2.0}] and on_disk["name"] == "renamed"
 
 
-def hand_made_run(directory, name, rows, train_seconds=100.0):
+def hand_made_run(directory, name, rows, train_seconds=100.0, n=5000):
     os.makedirs(directory)
-    base = {"sampler": "dpmpp2m", "steps": 20, "interval": None, "space": "eps", "schedule": "constant", "n": 5000,
+    base = {"sampler": "dpmpp2m", "steps": 20, "interval": None, "space": "eps", "schedule": "constant", "n": n,
             "seed": 0, "confidence": 0.99, "class_entropy": 2.3, "sample_seconds": 1.0, "floor": 1.03}
     record = {"train_argv": ["train"], "train_seconds": train_seconds, "name": name,
               "rows": [{**base, "guidance": w, "fid": fid, "accuracy": accuracy} for w, fid, accuracy in rows]}
@@ -151,6 +151,19 @@ def test_rank_orders_kept_runs_by_the_interpolated_figure_and_plots_them(tmp_pat
     assert picture.format == "PNG" and picture.size[0] > 500 and np.asarray(picture).std() > 0
     with pytest.raises(SystemExit, match="no bench_quality.json"):
         bench_quality.main(["--rank", str(tmp_path)])
+
+
+def test_rank_compares_rows_of_one_n_only(tmp_path, capsys):
+    """cFID shrinks as n grows: a frontier of 1,000 images is left out of a ranking at 5,000, and ranked alone."""
+    big = hand_made_run(tmp_path / "big", "big", [(0.0, 8.0, 0.991)])
+    small = hand_made_run(tmp_path / "small", "small", [(0.0, 30.0, 0.995)], n=1000)
+    bench_quality.main(["--rank", big, small])
+    assert [row[0] for row in table(capsys.readouterr().out, "| recipe · sampler · guidance |")] == ["big · dpmpp2m 20"]
+    bench_quality.main(["--rank", big, small, "--n", "1000"])
+    rows = table(capsys.readouterr().out, "| recipe · sampler · guidance |")
+    assert [(row[0], row[1]) for row in rows] == [("small · dpmpp2m 20", "1000")]
+    with pytest.raises(SystemExit, match="no rows of --n 2000"):
+        bench_quality.main(["--rank", big, small, "--n", "2000"])
 
 
 def test_recipe_names_the_defaults_and_spells_every_flag():
