@@ -230,9 +230,7 @@ def eval_argv(args, out, key):
     argv = ["eval", "--checkpoint", os.path.join(out, "checkpoint.npz"), "--n", str(args.n), "--sampler",
             key["sampler"], "--steps", str(key["steps"]), "--guidance", str(key["guidance"]), "--guidance-space",
             args.guidance_space, "--guidance-schedule", args.guidance_schedule, "--seed", str(args.seed), "--json",
-            *device_flag(args)]
-    if args.guidance_interval:
-        argv += ["--guidance-interval", args.guidance_interval]
+            "--guidance-interval", args.guidance_interval or "0,inf", *device_flag(args)]  # None: every noise level
     return argv
 
 

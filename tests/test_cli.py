@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tinyddpm import checkpoint, cli, diffusion, optim, train
+from tinyddpm import checkpoint, cli, diffusion, guidance, optim, train
 
 FAST = ["--preset", "smoke", "--batch-size", "8", "--timesteps", "50"]
 
@@ -457,6 +457,15 @@ def test_every_option_has_a_help_line_with_its_default_and_the_help_ends_with_tw
         words = shlex.split(example, comments=True)
         assert words[:2] == ["tinyddpm", name]
         parser.parse_args(words[2:])  # each example is a valid command
+
+
+@pytest.mark.parametrize("name", ["sample", "trajectory", "eval"])
+def test_sampling_guides_as_measured_by_default_and_0_inf_guides_at_every_noise_level(name):
+    parser = subcommands()[name]
+    assert cli._guidance(parser.parse_args(["--checkpoint", "c.npz"])) == guidance.DEFAULT
+    plain = cli._guidance(parser.parse_args(["--checkpoint", "c.npz", "--guidance", "1",
+                                             "--guidance-interval", "0,inf"]))
+    assert plain == guidance.Guidance(1.0)  # what a plain number w means (guidance.as_guidance)
 
 
 def test_a_default_that_comes_from_the_preset_names_each_presets_value():

@@ -20,7 +20,8 @@ from .checkpoint import CheckpointError
 from .data import DataError
 from .device import DeviceError
 from .diffusion import SAMPLERS
-from .guidance import EVERY_NOISE_LEVEL, GUIDANCE_SCHEDULES, GUIDANCE_SPACES, Guidance
+from . import guidance
+from .guidance import GUIDANCE_SCHEDULES, GUIDANCE_SPACES, Guidance
 from .optim import LR_DECAYS, MAX_SIGMA_REL, sigma_rel_to_gamma
 from .nn import StateDictError
 from .train import (DIVERGED_AFTER, DIVERGED_FACTOR, DIVERGED_WINDOW, PRESETS, UNET_FIELDS, TrainConfig,
@@ -166,9 +167,9 @@ def _add_sampling_args(p, checkpoint=None):
                    help="ddpm: all T ancestral steps; ddim: Song et al. 2021; dpmpp2m: DPM-Solver++(2M), Lu et al. 2022")
     p.add_argument("--steps", type=_int_at_least(1), default=50, help="DDIM / DPM-Solver++ steps (DDPM uses all T)")
     p.add_argument("--eta", type=_float_in(0, 1), default=0.0, help="DDIM stochasticity η (0: deterministic)")
-    # w = 1: the best classifier-FID with accuracy ≥ 99% in the guidance sweep of docs/quality.md
-    p.add_argument("--guidance", type=_float_in(0, 100), default=1.0,
-                   help="classifier-free guidance w ≥ 0 (0: none; ignored by an unconditional model)")
+    p.add_argument("--guidance", type=_float_in(0, 100), default=guidance.DEFAULT.weight,
+                   help="classifier-free guidance w ≥ 0 (0: none; ignored by an unconditional model) "
+                        f"(default: {guidance.DEFAULT.weight:g})")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise: the same seed gives the same images")
     _add_guidance_args(p)
     _add_device_arg(p)
@@ -180,11 +181,12 @@ def _add_device_arg(p):
 
 
 def _add_guidance_args(p):
-    """Where and how --guidance acts (tinyddpm/guidance.py); the defaults are plain guidance."""
-    p.add_argument("--guidance-interval", type=parse_interval, default=None, metavar="LO,HI",
+    """Where and how --guidance acts (tinyddpm/guidance.py); the defaults are guidance.DEFAULT's."""
+    lo, hi = guidance.DEFAULT.interval
+    p.add_argument("--guidance-interval", type=parse_interval, default=guidance.DEFAULT.interval, metavar="LO,HI",
                    help="guide only at noise levels σ_t = √((1 − ᾱ_t)/ᾱ_t) in [LO, HI], the "
-                        "conditional model elsewhere (Kynkäänniemi et al. 2024); HI may be inf "
-                        "(default: every noise level)")
+                        "conditional model elsewhere (Kynkäänniemi et al. 2024); HI may be inf, and 0,inf "
+                        f"guides at every noise level (default: {lo:g},{hi:g})")
     p.add_argument("--guidance-space", choices=GUIDANCE_SPACES, default="eps",
                    help="combine the network outputs (eps) or the two clipped x0 estimates (x0; the same as eps "
                         "without clipping) (default: eps)")
@@ -195,7 +197,7 @@ def _add_guidance_args(p):
 
 def _guidance(args):
     """The Guidance the sampling options describe."""
-    return Guidance(args.guidance, args.guidance_interval or EVERY_NOISE_LEVEL, args.guidance_space,
+    return Guidance(args.guidance, args.guidance_interval, args.guidance_space,
                     args.guidance_schedule)
 
 
@@ -618,8 +620,7 @@ def _sweep_guidance(args, model, diffusion, config, prepared):
                           "interpolated": interpolated and dataclasses.asdict(interpolated), "sweep": [
             {"guidance": w, **dataclasses.asdict(r), "seconds": s} for (w, r), s in zip(sweep, seconds)]}))
         return 0
-    interval = args.guidance_interval
-    where = "every noise level" if interval is None else f"σ_t in [{interval[0]:g}, {interval[1]:g}]"
+    where = f"σ_t in [{args.guidance_interval[0]:g}, {args.guidance_interval[1]:g}]"
     print(f"n = {args.n} per w, {args.sampler} {args.steps} steps, seed {args.seed}, guided at {where} "
           f"({args.guidance_space} space, {args.guidance_schedule} w); classifier FID vs {reference_source}")
     print("| guidance w | classifier FID | accuracy | confidence | class entropy | sampling s |")

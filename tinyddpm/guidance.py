@@ -74,6 +74,11 @@ class Guidance:
         return self.weight * schedule_factors(self.schedule, len(sigmas)) * in_interval(sigmas, self.interval)
 
 
+# What `tinyddpm sample/eval/trajectory` and the training run's grids use unless told otherwise: the best
+# classifier-FID with accuracy >= 99% among the guidance measured on docs/quality.md's frontier.
+DEFAULT = Guidance(1.25, (0.3, 5.0))
+
+
 def as_guidance(guidance):
     """A Guidance; a plain number w means constant guidance w at every noise level."""
     return guidance if isinstance(guidance, Guidance) else Guidance(float(guidance))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint, data, distributed, optim, pictures
+from . import checkpoint, data, distributed, guidance, optim, pictures
 from . import device as _dev
 from . import random as _random
 from .diffusion import GaussianDiffusion
@@ -405,8 +405,8 @@ class Trainer:
 
     def evaluate_ema(self):
         """cFID and accuracy (tinyddpm.evaluation) of eval_n samples of the EMA model, balanced over the
-        digits, drawn as the grids are (DDIM, guidance 1, noise seeded by the step), in batches of the
-        training batch size: the curve's second panel. It reads no training RNG, so a run with
+        digits, drawn as the grids are (DDIM, the CLI's default guidance, noise seeded by the step), in batches
+        of the training batch size: the curve's second panel. It reads no training RNG, so a run with
         evaluations trains exactly as one without. Under MPI the ranks share the batches (each
         batch's noise depends on its start alone) and rank 0 scores them."""
         from . import evaluation
@@ -420,7 +420,7 @@ class Trainer:
             with no_grad():
                 x = self.diffusion.sample(self.ema_model, self.ema_model.config.image_shape(count),
                                           y=None if labels is None else labels[start:start + count], sampler="ddim",
-                                          steps=cfg.sample_steps, guidance=1.0 if cfg.conditional else 0.0,
+                                          steps=cfg.sample_steps, guidance=self.grid_guidance(),
                                           progress=False, rng=np.random.default_rng([cfg.seed, self.step, start]))
             batches[start] = data.from_model_range(_dev.to_numpy(x.data))[:, 0]
         batches = self.world.gather_in_order(batches, "gathering the evaluation's samples")
@@ -434,9 +434,14 @@ class Trainer:
         shown = "no labels" if result.accuracy is None else f"accuracy {100 * accuracy:.1f}%"
         self.log(f"step {self.step}: EMA model cFID {result.fid:.1f}, {shown} (n = {cfg.eval_n})")
 
+    def grid_guidance(self):
+        """The guidance of the grids and evaluations: what `tinyddpm sample` uses by default (none when the
+        model is unconditional)."""
+        return guidance.DEFAULT if self.config.conditional else 0.0
+
     def sample_grid(self, n_per_class=8):
-        """Samples (DDIM, guidance 1) of the EMA model (left) and of the raw model (right) from the same
-        noise, one row per digit when conditional, as one image: what the average buys is there to see.
+        """Samples (DDIM, the CLI's default guidance) of the EMA model (left) and of the raw model (right) from
+        the same noise, one row per digit when conditional, as one image: what the average buys is there to see.
         Under MPI every rank draws the grid (the others would only wait for rank 0); rank 0 writes it."""
         self.ema.copy_to(self.ema_model)
         cfg = self.config
@@ -448,7 +453,7 @@ class Trainer:
             for model in (self.ema_model, self.model):
                 with no_grad():
                     x = self.diffusion.sample(model, shape, y=labels, sampler="ddim", steps=cfg.sample_steps,
-                                              guidance=1.0 if cfg.conditional else 0.0, progress=False,
+                                              guidance=self.grid_guidance(), progress=False,
                                               rng=np.random.default_rng(cfg.seed + self.step))
                 grids.append(pictures.grid(data.from_model_range(_dev.to_numpy(x.data))[:, 0], ncols=n_per_class))
         finally:
