@@ -19,8 +19,9 @@ training images with --data-dir; without it, images of the embedded subset, whic
 training, so that floor is a little optimistic).
 
 With --jobs J the rows are sampled J at a time, each `tinyddpm eval` in its own process on cores/J threads:
-two single-threaded processes keep 2 cores busier than one process of two threads (whose threads meet at
-every op), and the rows' scores do not depend on the thread count.
+processes that share nothing keep the cores busier than one process whose threads meet at every op (on 2
+cores, two single-threaded MPI ranks trained 1.18x as fast as one process on two threads:
+docs/distributed.md), and a row's scores do not depend on the thread count.
 
 With --out the run is kept: <out>/bench_quality.json holds the training command, its seconds and every
 row measured, so a later command with the same recipe and --out samples only the rows it lacks, and
@@ -42,9 +43,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import numpy as np
 
 from tinyddpm import cli, data, evaluation
-from tinyddpm.kernels import cpu_threads
 from tinyddpm.diffusion import SAMPLERS
 from tinyddpm.guidance import GUIDANCE_SCHEDULES, GUIDANCE_SPACES
+from tinyddpm.kernels import cpu_threads
 
 RECIPE_FLAGS = (("min_snr_gamma", "--min-snr-gamma"), ("lr_decay", "--lr-decay"), ("ema_warmup", "--ema-warmup"),
                 ("prediction", "--prediction"), ("schedule", "--schedule"),
@@ -227,11 +228,12 @@ def kept_row(record, key):
 
 
 def eval_argv(args, out, key):
-    argv = ["eval", "--checkpoint", os.path.join(out, "checkpoint.npz"), "--n", str(args.n), "--sampler",
+    """The `tinyddpm eval` that samples and scores the row `key`, every guidance option spelled out (a row
+    must not change with the CLI's defaults; no interval means every noise level)."""
+    return ["eval", "--checkpoint", os.path.join(out, "checkpoint.npz"), "--n", str(args.n), "--sampler",
             key["sampler"], "--steps", str(key["steps"]), "--guidance", str(key["guidance"]), "--guidance-space",
             args.guidance_space, "--guidance-schedule", args.guidance_schedule, "--seed", str(args.seed), "--json",
-            "--guidance-interval", args.guidance_interval or "0,inf", *device_flag(args)]  # None: every noise level
-    return argv
+            "--guidance-interval", args.guidance_interval or "0,inf", *device_flag(args)]
 
 
 def capture_json_in_child(argv, threads):
