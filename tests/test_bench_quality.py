@@ -158,7 +158,8 @@ def test_rank_compares_rows_of_one_n_only(tmp_path, capsys):
     big = hand_made_run(tmp_path / "big", "big", [(0.0, 8.0, 0.991)])
     small = hand_made_run(tmp_path / "small", "small", [(0.0, 30.0, 0.995)], n=1000)
     bench_quality.main(["--rank", big, small])
-    assert [row[0] for row in table(capsys.readouterr().out, "| recipe · sampler · guidance |")] == ["big · dpmpp2m 20"]
+    ranked = table(capsys.readouterr().out, "| recipe · sampler · guidance |")
+    assert [row[0] for row in ranked] == ["big · dpmpp2m 20"]
     bench_quality.main(["--rank", big, small, "--n", "1000"])
     rows = table(capsys.readouterr().out, "| recipe · sampler · guidance |")
     assert [(row[0], row[1]) for row in rows] == [("small · dpmpp2m 20", "1000")]

@@ -461,8 +461,15 @@ def test_every_option_has_a_help_line_with_its_default_and_the_help_ends_with_tw
 
 @pytest.mark.parametrize("name", ["sample", "trajectory", "eval"])
 def test_sampling_guides_as_measured_by_default_and_0_inf_guides_at_every_noise_level(name):
+    """The default is the frontier's operating point: DPM-Solver++(2M) 20 steps, guidance.DEFAULT."""
     parser = subcommands()[name]
-    assert cli._guidance(parser.parse_args(["--checkpoint", "c.npz"])) == guidance.DEFAULT
+    default = parser.parse_args(["--checkpoint", "c.npz"])
+    assert (default.sampler, cli._sampler_steps(default)) == ("dpmpp2m", 20)
+    assert cli._guidance(default) == guidance.DEFAULT
+    steps = {sampler: cli._sampler_steps(parser.parse_args(["--checkpoint", "c.npz", "--sampler", sampler]))
+             for sampler in ("ddim", "ddpm")}
+    assert steps == {"ddim": 50, "ddpm": None}  # DDPM runs all T steps
+    assert cli._sampler_steps(parser.parse_args(["--checkpoint", "c.npz", "--sampler", "ddim", "--steps", "7"])) == 7
     plain = cli._guidance(parser.parse_args(["--checkpoint", "c.npz", "--guidance", "1",
                                              "--guidance-interval", "0,inf"]))
     assert plain == guidance.Guidance(1.0)  # what a plain number w means (guidance.as_guidance)
