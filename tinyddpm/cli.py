@@ -15,12 +15,11 @@ import textwrap
 
 import numpy as np
 
-from . import distributed
+from . import distributed, guidance
 from .checkpoint import CheckpointError
 from .data import DataError
 from .device import DeviceError
 from .diffusion import SAMPLERS
-from . import guidance
 from .guidance import GUIDANCE_SCHEDULES, GUIDANCE_SPACES, Guidance
 from .optim import LR_DECAYS, MAX_SIGMA_REL, sigma_rel_to_gamma
 from .nn import StateDictError
