@@ -1,12 +1,12 @@
 """Sample quality of one training recipe at a fixed budget: its accuracy/cFID frontier over a guidance grid.
 
-    python benchmarks/bench_quality.py [--preset tiny] [--steps 3000] [--data-dir DIR] [--n 5000] [recipe flags]
+    python benchmarks/bench_quality.py [--preset tiny] [--steps 4120] [--data-dir DIR] [--n 5000] [recipe flags]
                                        [--device cpu|cuda]
                                        [--name NAME] [--samplers ddim:50,dpmpp2m:20]
                                        [--guidance-grid 0,0.25,0.5,0.75,1,1.5] [--guidance-interval LO,HI]
                                        [--guidance-space eps|x0] [--guidance-schedule constant|rising|falling]
                                        [--seed 0] [--jobs 1] [--out DIR] [--plot PATH]
-    python benchmarks/bench_quality.py --rank DIR [DIR ...] [--n 5000] [--plot PATH]
+    python benchmarks/bench_quality.py --rank DIR [DIR ...] [--n 5000] [--only TEXT] [--plot PATH]
 
 It drives the `tinyddpm` commands themselves (`train`, then `eval --checkpoint --json` once per sampler
 and guidance w), so a row measures exactly what a user runs; an ablation is one command per recipe flag.
@@ -46,6 +46,7 @@ from tinyddpm import cli, data, evaluation
 from tinyddpm.diffusion import SAMPLERS
 from tinyddpm.guidance import GUIDANCE_SCHEDULES, GUIDANCE_SPACES
 from tinyddpm.kernels import cpu_threads
+from tinyddpm.train import PRESETS
 
 RECIPE_FLAGS = (("min_snr_gamma", "--min-snr-gamma"), ("lr_decay", "--lr-decay"), ("ema_warmup", "--ema-warmup"),
                 ("prediction", "--prediction"), ("schedule", "--schedule"),
@@ -80,7 +81,9 @@ def interval_text(text):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny", choices=("smoke", "tiny", "base"))
-    p.add_argument("--steps", type=int, default=3000, help="training steps (default 3000)")
+    p.add_argument("--steps", type=int, default=4120,
+                   help="training steps (default 4120: the `tiny` U-Net's in the time 3,000 of the 32-channel one "
+                        "took, the budget of docs/quality.md's frontier)")
     p.add_argument("--data-dir", help="MNIST IDX directory (the full training set); default: cache or embedded subset")
     p.add_argument("--n", type=int, default=5000, help="images sampled and scored per row (default 5000)")
     recipe_flags = p.add_argument_group("recipe", "passed to `tinyddpm train` as given (its defaults otherwise)")
@@ -112,6 +115,8 @@ def parse_args(argv=None):
     p.add_argument("--plot", metavar="PATH", help="also draw the frontiers (cFID against accuracy) into a PNG")
     p.add_argument("--rank", nargs="+", metavar="DIR", help="no training or sampling: rank the rows of --n images "
                    "kept in these --out directories by the best cFID with accuracy >= 99%%")
+    p.add_argument("--only", metavar="TEXT", help="with --rank: only the frontiers whose label (the tables' first "
+                   "column) contains TEXT, e.g. 'dpmpp2m 20 · σ in [0.3,5]'")
     return p.parse_args(argv)
 
 
@@ -186,11 +191,23 @@ def device_flag(args):
     return [] if args.device == "cpu" else ["--device", args.device]
 
 
+def preset_shape_flags(args):
+    """The U-Net's width and depth flags that the recipe leaves to the preset, spelled out: a kept run then
+    names the network it trained, and one trained under another PRESETS table (the `tiny` U-Net had 32
+    channels before it had 24) is never reused for today's."""
+    unet = PRESETS[args.preset].unet
+    preset = {"--channels": str(unet.base_channels), "--channel-mult": ",".join(map(str, unet.channel_mults)),
+              "--num-res-blocks": str(unet.blocks_per_level)}
+    given = {"--channels": args.channels, "--channel-mult": args.channel_mult, "--num-res-blocks": args.num_res_blocks}
+    return [item for flag, value in preset.items() if given[flag] is None for item in (flag, value)]
+
+
 def train_once(args, flags, out):
     """The run's record: trained now, or read back from a finished run in `out` trained by the same
     command (the run directory itself may be spelled differently)."""
     train_argv = ["train", "--preset", args.preset, "--steps", str(args.steps), "--seed", str(args.seed),
-                  "--sample-every", str(10 * args.steps), "--ckpt-every", str(args.steps), *flags]
+                  "--sample-every", str(10 * args.steps), "--ckpt-every", str(args.steps), *flags,
+                  *preset_shape_flags(args)]
     if args.data_dir:
         train_argv += ["--data-dir", args.data_dir]
     train_argv += device_flag(args)
@@ -358,9 +375,10 @@ def plot_frontier(found, path, min_accuracy=MIN_ACCURACY):
         plt.close(fig)
 
 
-def rank(directories, n, plot=None):
-    """Print the ranking of the rows of n images kept in several --out directories (and plot them): no
-    sampling. Only one n at a time: classifier-FID shrinks as n grows, so rows of two n don't compare."""
+def rank(directories, n, plot=None, only=None):
+    """Print the ranking of the rows of n images kept in several --out directories (and plot them), of the
+    frontiers whose label contains `only` where given: no sampling. Only one n at a time: classifier-FID
+    shrinks as n grows, so rows of two n don't compare."""
     records = []
     for directory in directories:
         record = read_record(directory)
@@ -368,9 +386,10 @@ def rank(directories, n, plot=None):
             raise SystemExit(f"{directory}: no {RECORD} (a bench_quality.py run kept with --out)")
         rows = [row for row in record["rows"] if row["n"] == n]
         records.append((record.get("name", directory), {**record, "rows": rows}))
-    found = curves(records)
+    found = [curve for curve in curves(records) if only is None or only in curve[0]]
     if not found:
-        raise SystemExit(f"no rows of --n {n} images kept in {', '.join(directories)}")
+        raise SystemExit(f"no rows of --n {n} images kept in {', '.join(directories)}"
+                         + ("" if only is None else f" on a frontier labelled with {only!r}"))
     print(ranking_table(found))
     if plot:
         plot_frontier(found, plot)
@@ -379,7 +398,7 @@ def rank(directories, n, plot=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.rank:
-        return rank(args.rank, args.n, args.plot)
+        return rank(args.rank, args.n, args.plot, args.only)
     flags, name = recipe(args)
     with tempfile.TemporaryDirectory() as scratch:
         out = args.out or os.path.join(scratch, "run")

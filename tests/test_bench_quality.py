@@ -76,6 +76,21 @@ def test_a_kept_run_samples_only_the_rows_it_lacks_and_refuses_another_recipe(of
         bench_quality.main(SMOKE + ["--samplers", "ddim:2", "--out", run, "--min-snr-gamma", "3"])
 
 
+def test_a_kept_run_names_the_presets_network_and_one_trained_under_another_table_is_refused(tmp_path):
+    args = bench_quality.parse_args(SMOKE)  # smoke: 16 channels × (1, 2), one block a level
+    assert bench_quality.preset_shape_flags(args) == ["--channels", "16", "--channel-mult", "1,2",
+                                                      "--num-res-blocks", "1"]
+    given = bench_quality.parse_args(SMOKE + ["--channels", "8", "--num-res-blocks", "2"])
+    assert bench_quality.preset_shape_flags(given) == ["--channel-mult", "1,2"]  # the recipe's own stay in its flags
+    out = str(tmp_path)
+    flags, _ = bench_quality.recipe(args)
+    argv_then = ["train", "--preset", "smoke", "--steps", "2", "--seed", "0", "--sample-every", "20", "--ckpt-every",
+                 "2"]  # what the record held before the network was spelled out
+    bench_quality.write_record(out, {"train_argv": argv_then, "train_seconds": 1.0, "rows": []})
+    with pytest.raises(SystemExit, match="another recipe"):
+        bench_quality.train_once(args, flags, out)
+
+
 def test_rows_sampled_in_parallel_processes_score_as_in_one(offline, capsys, tmp_path, monkeypatch):
     serial, parallel = str(tmp_path / "serial"), str(tmp_path / "parallel")
     argv = SMOKE + ["--samplers", "ddim:2", "--guidance-grid", "0,1,2"]
@@ -165,6 +180,21 @@ def test_rank_compares_rows_of_one_n_only(tmp_path, capsys):
     assert [(row[0], row[1]) for row in rows] == [("small · dpmpp2m 20", "1000")]
     with pytest.raises(SystemExit, match="no rows of --n 2000"):
         bench_quality.main(["--rank", big, small, "--n", "2000"])
+
+
+def test_rank_only_keeps_the_frontiers_whose_label_contains_the_text(tmp_path, capsys):
+    a = hand_made_run(tmp_path / "a", "a", [(0.0, 8.0, 0.991)])
+    b = hand_made_run(tmp_path / "b", "b", [(0.0, 9.0, 0.992)])
+    record = json.loads((tmp_path / "b" / bench_quality.RECORD).read_text())
+    record["rows"].append({**record["rows"][0], "interval": "0.3,5", "fid": 7.0})  # a second frontier of b
+    (tmp_path / "b" / bench_quality.RECORD).write_text(json.dumps(record))
+    bench_quality.main(["--rank", a, b])
+    assert len(table(capsys.readouterr().out, "| recipe · sampler · guidance |")) == 3
+    bench_quality.main(["--rank", a, b, "--only", "σ in [0.3,5]"])
+    (row,) = table(capsys.readouterr().out, "| recipe · sampler · guidance |")
+    assert row[0] == "b · dpmpp2m 20 · σ in [0.3,5]" and row[2] == "7.00"
+    with pytest.raises(SystemExit, match="labelled with 'ddim'"):
+        bench_quality.main(["--rank", a, b, "--only", "ddim"])
 
 
 def test_recipe_names_the_defaults_and_spells_every_flag():
