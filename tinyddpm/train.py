@@ -107,8 +107,9 @@ PRESETS = {
     "smoke": Preset(UNetConfig(base_channels=16, channel_mults=(1, 2), attention_resolutions=(14,), num_groups=4),
                     dict(steps=60, batch_size=32, timesteps=200, sample_every=60, ckpt_every=60, warmup_steps=20,
                          sample_steps=20)),
-    # the CPU default: recognisable digits after ~20 minutes on 2 cores. 24 channels trained 2,750 steps, not 32
-    # trained 2,000 in the same time: on docs/quality.md's frontier, narrower and longer won over three seeds
+    # the CPU default: recognisable digits after 12-20 minutes on 2 cores. 24 channels trained 2,750 steps, not 32
+    # trained 2,000 in about the same time: on docs/quality.md's frontier, narrower and longer won on the mean
+    # of three seeds
     "tiny": Preset(UNetConfig(), {}),
     # larger, meant for a GPU
     "base": Preset(UNetConfig(base_channels=64, channel_mults=(1, 2, 2), blocks_per_level=2,
