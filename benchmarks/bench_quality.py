@@ -191,15 +191,14 @@ def device_flag(args):
     return [] if args.device == "cpu" else ["--device", args.device]
 
 
-def preset_shape_flags(args):
-    """The U-Net's width and depth flags that the recipe leaves to the preset, spelled out: a kept run then
-    names the network it trained, and one trained under another PRESETS table (the `tiny` U-Net had 32
-    channels before it had 24) is never reused for today's."""
-    unet = PRESETS[args.preset].unet
-    preset = {"--channels": str(unet.base_channels), "--channel-mult": ",".join(map(str, unet.channel_mults)),
-              "--num-res-blocks": str(unet.blocks_per_level)}
-    given = {"--channels": args.channels, "--channel-mult": args.channel_mult, "--num-res-blocks": args.num_res_blocks}
-    return [item for flag, value in preset.items() if given[flag] is None for item in (flag, value)]
+def preset_shape_flags(preset, flags):
+    """The U-Net's width and depth flags that the recipe's `flags` leave to the preset, spelled out: a kept
+    run then names the network it trained, and one trained under another PRESETS table (the `tiny` U-Net
+    had 32 channels before it had 24) is never reused for today's."""
+    unet = PRESETS[preset].unet
+    shape = {"--channels": str(unet.base_channels), "--channel-mult": ",".join(map(str, unet.channel_mults)),
+             "--num-res-blocks": str(unet.blocks_per_level)}
+    return [item for flag, value in shape.items() if flag not in flags for item in (flag, value)]
 
 
 def train_once(args, flags, out):
@@ -207,7 +206,7 @@ def train_once(args, flags, out):
     command (the run directory itself may be spelled differently)."""
     train_argv = ["train", "--preset", args.preset, "--steps", str(args.steps), "--seed", str(args.seed),
                   "--sample-every", str(10 * args.steps), "--ckpt-every", str(args.steps), *flags,
-                  *preset_shape_flags(args)]
+                  *preset_shape_flags(args.preset, flags)]
     if args.data_dir:
         train_argv += ["--data-dir", args.data_dir]
     train_argv += device_flag(args)

@@ -78,12 +78,12 @@ def test_a_kept_run_samples_only_the_rows_it_lacks_and_refuses_another_recipe(of
 
 def test_a_kept_run_names_the_presets_network_and_one_trained_under_another_table_is_refused(tmp_path):
     args = bench_quality.parse_args(SMOKE)  # smoke: 16 channels × (1, 2), one block a level
-    assert bench_quality.preset_shape_flags(args) == ["--channels", "16", "--channel-mult", "1,2",
-                                                      "--num-res-blocks", "1"]
-    given = bench_quality.parse_args(SMOKE + ["--channels", "8", "--num-res-blocks", "2"])
-    assert bench_quality.preset_shape_flags(given) == ["--channel-mult", "1,2"]  # the recipe's own stay in its flags
-    out = str(tmp_path)
     flags, _ = bench_quality.recipe(args)
+    assert bench_quality.preset_shape_flags("smoke", flags) == ["--channels", "16", "--channel-mult", "1,2",
+                                                                "--num-res-blocks", "1"]
+    given, _ = bench_quality.recipe(bench_quality.parse_args(SMOKE + ["--channels", "8", "--num-res-blocks", "2"]))
+    assert bench_quality.preset_shape_flags("smoke", given) == ["--channel-mult", "1,2"]  # the recipe's own stay
+    out = str(tmp_path)
     argv_then = ["train", "--preset", "smoke", "--steps", "2", "--seed", "0", "--sample-every", "20", "--ckpt-every",
                  "2"]  # what the record held before the network was spelled out
     bench_quality.write_record(out, {"train_argv": argv_then, "train_seconds": 1.0, "rows": []})
