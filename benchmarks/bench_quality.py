@@ -52,7 +52,8 @@ RECIPE_FLAGS = (("min_snr_gamma", "--min-snr-gamma"), ("lr_decay", "--lr-decay")
                 ("prediction", "--prediction"), ("schedule", "--schedule"),
                 ("zero_terminal_snr", "--zero-terminal-snr"), ("channels", "--channels"),
                 ("channel_mult", "--channel-mult"), ("num_res_blocks", "--num-res-blocks"),
-                ("ema_decay", "--ema-decay"), ("ema_power", "--ema-power"), ("ema_sigma_rel", "--ema-sigma-rel"))
+                ("ema_decay", "--ema-decay"), ("ema_power", "--ema-power"), ("ema_sigma_rel", "--ema-sigma-rel"),
+                ("lr", "--lr"), ("batch_size", "--batch-size"), ("p_uncond", "--p-uncond"))
 RECORD = "bench_quality.json"  # in --out: the training command, its seconds and the rows measured
 DEFAULT_GRID = "0,0.25,0.5,0.75,1,1.5"
 MIN_ACCURACY = 0.99
@@ -93,7 +94,8 @@ def parse_args(argv=None):
     recipe_flags.add_argument("--prediction", choices=("eps", "x0", "v"))
     recipe_flags.add_argument("--schedule", choices=("linear", "cosine", "quadratic", "sigmoid"))
     recipe_flags.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction)
-    for flag in ("--channels", "--channel-mult", "--num-res-blocks", "--ema-decay", "--ema-power", "--ema-sigma-rel"):
+    for flag in ("--channels", "--channel-mult", "--num-res-blocks", "--ema-decay", "--ema-power", "--ema-sigma-rel",
+                 "--lr", "--batch-size", "--p-uncond"):
         recipe_flags.add_argument(flag)
     p.add_argument("--name", help="the recipe's name in the tables and the plot (default: its flags)")
     p.add_argument("--samplers", type=sampler_list, default=[("dpmpp2m", 20)], metavar="NAME:STEPS,...",

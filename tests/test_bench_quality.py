@@ -203,10 +203,12 @@ def test_recipe_names_the_defaults_and_spells_every_flag():
     assert bench_quality.recipe(off)[0] == ["--min-snr-gamma", "0.0", "--lr-decay", "constant", "--no-ema-warmup"]
     levers = bench_quality.parse_args(["--prediction", "v", "--schedule", "cosine", "--zero-terminal-snr",
                                        "--channels", "48", "--channel-mult", "1,2", "--num-res-blocks", "2",
-                                       "--ema-decay", "0.999", "--ema-sigma-rel", "0.1"])
+                                       "--ema-decay", "0.999", "--ema-sigma-rel", "0.1", "--lr", "0.002",
+                                       "--batch-size", "32", "--p-uncond", "0.2"])
     assert bench_quality.recipe(levers)[0] == ["--prediction", "v", "--schedule", "cosine", "--zero-terminal-snr",
                                                "--channels", "48", "--channel-mult", "1,2", "--num-res-blocks", "2",
-                                               "--ema-decay", "0.999", "--ema-sigma-rel", "0.1"]
+                                               "--ema-decay", "0.999", "--ema-sigma-rel", "0.1", "--lr", "0.002",
+                                               "--batch-size", "32", "--p-uncond", "0.2"]
     assert bench_quality.parse_args([]).guidance_grid == [0.0, 0.25, 0.5, 0.75, 1.0, 1.5]
     with pytest.raises(SystemExit):
         bench_quality.parse_args(["--lr-decay", "linear"])
