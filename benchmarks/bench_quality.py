@@ -46,7 +46,7 @@ from tinyddpm import cli, data, evaluation
 from tinyddpm.diffusion import SAMPLERS
 from tinyddpm.guidance import GUIDANCE_SCHEDULES, GUIDANCE_SPACES
 from tinyddpm.kernels import cpu_threads
-from tinyddpm.train import PRESETS
+from tinyddpm.train import PRESETS, TrainConfig
 
 RECIPE_FLAGS = (("min_snr_gamma", "--min-snr-gamma"), ("lr_decay", "--lr-decay"), ("ema_warmup", "--ema-warmup"),
                 ("prediction", "--prediction"), ("schedule", "--schedule"),
@@ -193,14 +193,15 @@ def device_flag(args):
     return [] if args.device == "cpu" else ["--device", args.device]
 
 
-def preset_shape_flags(preset, flags):
-    """The U-Net's width and depth flags that the recipe's `flags` leave to the preset, spelled out: a kept
-    run then names the network it trained, and one trained under another PRESETS table (the `tiny` U-Net
-    had 32 channels before it had 24) is never reused for today's."""
-    unet = PRESETS[preset].unet
-    shape = {"--channels": str(unet.base_channels), "--channel-mult": ",".join(map(str, unet.channel_mults)),
-             "--num-res-blocks": str(unet.blocks_per_level)}
-    return [item for flag, value in shape.items() if flag not in flags for item in (flag, value)]
+def preset_flags(preset, flags):
+    """The preset defaults that have changed since runs were kept, spelled out where the recipe's `flags`
+    leave them to the preset: the U-Net's width and depth (the `tiny` U-Net had 32 channels before it had
+    24) and the learning rate (10⁻³ before 2·10⁻³). A kept run then names what it trained, and one trained
+    under another PRESETS table is never reused for today's."""
+    unet, lr = PRESETS[preset].unet, TrainConfig.for_preset(preset).lr
+    spelled = {"--channels": str(unet.base_channels), "--channel-mult": ",".join(map(str, unet.channel_mults)),
+               "--num-res-blocks": str(unet.blocks_per_level), "--lr": f"{lr:g}"}
+    return [item for flag, value in spelled.items() if flag not in flags for item in (flag, value)]
 
 
 def train_once(args, flags, out):
@@ -208,7 +209,7 @@ def train_once(args, flags, out):
     command (the run directory itself may be spelled differently)."""
     train_argv = ["train", "--preset", args.preset, "--steps", str(args.steps), "--seed", str(args.seed),
                   "--sample-every", str(10 * args.steps), "--ckpt-every", str(args.steps), *flags,
-                  *preset_shape_flags(args.preset, flags)]
+                  *preset_flags(args.preset, flags)]
     if args.data_dir:
         train_argv += ["--data-dir", args.data_dir]
     train_argv += device_flag(args)

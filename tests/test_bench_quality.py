@@ -76,19 +76,22 @@ def test_a_kept_run_samples_only_the_rows_it_lacks_and_refuses_another_recipe(of
         bench_quality.main(SMOKE + ["--samplers", "ddim:2", "--out", run, "--min-snr-gamma", "3"])
 
 
-def test_a_kept_run_names_the_presets_network_and_one_trained_under_another_table_is_refused(tmp_path):
-    args = bench_quality.parse_args(SMOKE)  # smoke: 16 channels × (1, 2), one block a level
+def test_a_kept_run_names_the_presets_network_and_lr_and_one_trained_under_another_table_is_refused(tmp_path):
+    args = bench_quality.parse_args(SMOKE)  # smoke: 16 channels × (1, 2), one block a level, lr 2e-3
     flags, _ = bench_quality.recipe(args)
-    assert bench_quality.preset_shape_flags("smoke", flags) == ["--channels", "16", "--channel-mult", "1,2",
-                                                                "--num-res-blocks", "1"]
-    given, _ = bench_quality.recipe(bench_quality.parse_args(SMOKE + ["--channels", "8", "--num-res-blocks", "2"]))
-    assert bench_quality.preset_shape_flags("smoke", given) == ["--channel-mult", "1,2"]  # the recipe's own stay
+    assert bench_quality.preset_flags("smoke", flags) == ["--channels", "16", "--channel-mult", "1,2",
+                                                          "--num-res-blocks", "1", "--lr", "0.002"]
+    given, _ = bench_quality.recipe(bench_quality.parse_args(SMOKE + ["--channels", "8", "--num-res-blocks", "2",
+                                                                      "--lr", "0.001"]))
+    assert bench_quality.preset_flags("smoke", given) == ["--channel-mult", "1,2"]  # the recipe's own stay
     out = str(tmp_path)
     argv_then = ["train", "--preset", "smoke", "--steps", "2", "--seed", "0", "--sample-every", "20", "--ckpt-every",
                  "2"]  # what the record held before the network was spelled out
-    bench_quality.write_record(out, {"train_argv": argv_then, "train_seconds": 1.0, "rows": []})
-    with pytest.raises(SystemExit, match="another recipe"):
-        bench_quality.train_once(args, flags, out)
+    network_only = argv_then + ["--channels", "16", "--channel-mult", "1,2", "--num-res-blocks", "1"]  # before the lr
+    for argv in (argv_then, network_only):
+        bench_quality.write_record(out, {"train_argv": argv, "train_seconds": 1.0, "rows": []})
+        with pytest.raises(SystemExit, match="another recipe"):
+            bench_quality.train_once(args, flags, out)
 
 
 def test_rows_sampled_in_parallel_processes_score_as_in_one(offline, capsys, tmp_path, monkeypatch):
