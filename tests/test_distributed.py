@@ -108,11 +108,13 @@ def test_two_ranks_with_half_batches_train_the_model_one_process_trains(runs):
     assert int(b["world_size"]) == 2 and int(b["step"]) == STEPS
     # the same batches, noise and timesteps; only the order of float sums differs
     np.testing.assert_allclose(b["losses"], a["losses"], rtol=1e-5)
+    # atol: the attention's key biases have a gradient that is 0 in exact arithmetic (softmax ignores a
+    # shift), so Adam steps them by rounding noise, by about lr·noise/eps a step: the bound scales with the
+    # learning rate (2e-5 at 1e-3 held for many runs; 2.0e-5 was seen at 2e-3). All else agrees to ~1e-7
+    atol = 0.03 * train.TrainConfig.from_json(a["config"]).lr
     for part in ("model", "ema"):
         for key in a[part]:
-            # atol: the attention's key biases have a gradient that is 0 in exact arithmetic (softmax
-            # ignores a shift), so Adam steps them by rounding noise; all else agrees to ~1e-7
-            np.testing.assert_allclose(b[part][key], a[part][key], rtol=1e-4, atol=2e-5, err_msg=f"{part}/{key}")
+            np.testing.assert_allclose(b[part][key], a[part][key], rtol=1e-4, atol=atol, err_msg=f"{part}/{key}")
 
 
 @needs_mpi
