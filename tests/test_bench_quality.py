@@ -77,10 +77,10 @@ def test_a_kept_run_samples_only_the_rows_it_lacks_and_refuses_another_recipe(of
 
 
 def test_a_kept_run_names_the_presets_network_and_lr_and_one_trained_under_another_table_is_refused(tmp_path):
-    args = bench_quality.parse_args(SMOKE)  # smoke: 16 channels × (1, 2), one block a level, lr 2e-3
+    args = bench_quality.parse_args(SMOKE)  # smoke: 16 channels × (1, 2), one block a level, lr 4e-3
     flags, _ = bench_quality.recipe(args)
     assert bench_quality.preset_flags("smoke", flags) == ["--channels", "16", "--channel-mult", "1,2",
-                                                          "--num-res-blocks", "1", "--lr", "0.002"]
+                                                          "--num-res-blocks", "1", "--lr", "0.004"]
     given, _ = bench_quality.recipe(bench_quality.parse_args(SMOKE + ["--channels", "8", "--num-res-blocks", "2",
                                                                       "--lr", "0.001"]))
     assert bench_quality.preset_flags("smoke", given) == ["--channel-mult", "1,2"]  # the recipe's own stay
@@ -206,11 +206,11 @@ def test_recipe_names_the_defaults_and_spells_every_flag():
     assert bench_quality.recipe(off)[0] == ["--min-snr-gamma", "0.0", "--lr-decay", "constant", "--no-ema-warmup"]
     levers = bench_quality.parse_args(["--prediction", "v", "--schedule", "cosine", "--zero-terminal-snr",
                                        "--channels", "48", "--channel-mult", "1,2", "--num-res-blocks", "2",
-                                       "--ema-decay", "0.999", "--ema-sigma-rel", "0.1", "--lr", "0.002",
+                                       "--ema-decay", "0.999", "--ema-sigma-rel", "0.1", "--lr", "0.004",
                                        "--batch-size", "32", "--p-uncond", "0.2"])
     assert bench_quality.recipe(levers)[0] == ["--prediction", "v", "--schedule", "cosine", "--zero-terminal-snr",
                                                "--channels", "48", "--channel-mult", "1,2", "--num-res-blocks", "2",
-                                               "--ema-decay", "0.999", "--ema-sigma-rel", "0.1", "--lr", "0.002",
+                                               "--ema-decay", "0.999", "--ema-sigma-rel", "0.1", "--lr", "0.004",
                                                "--batch-size", "32", "--p-uncond", "0.2"]
     assert bench_quality.parse_args([]).guidance_grid == [0.0, 0.25, 0.5, 0.75, 1.0, 1.5]
     with pytest.raises(SystemExit):

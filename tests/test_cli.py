@@ -356,7 +356,7 @@ def test_resume_with_a_lower_lr_changes_the_learning_rate_from_that_step(tmp_pat
     assert (config.preset, config.batch_size, config.timesteps, config.lr) == ("smoke", 8, 50, 1e-4)
     # the warmup (and the cosine decay after it) keep their place: only the base rate is new
     assert used == [optim.learning_rate(s, 1e-4, config.warmup_steps, 4, "cosine") for s in (2, 3)]
-    assert "learning rate 0.0001 from here (was 0.002)" in capsys.readouterr().err
+    assert "learning rate 0.0001 from here (was 0.004)" in capsys.readouterr().err
 
 
 # ---- the divergence guard --------------------------------------------------------------------------
@@ -412,7 +412,7 @@ def test_a_diverged_run_stops_with_exit_3_and_leaves_the_run_as_it_was(tmp_path,
     line = divergence_line(capsys.readouterr().err)
     assert line.startswith("tinyddpm: training diverged at step 7: ")
     assert f"{out / 'checkpoint.npz'} (step 3) is as it was" in line
-    assert line.endswith(f"tinyddpm train --resume --out {out} --lr 0.0002")
+    assert line.endswith(f"tinyddpm train --resume --out {out} --lr 0.0004")
     assert run_files(out) == before  # checkpoint, grid, loss curve: byte for byte
 
 
@@ -422,7 +422,7 @@ def test_a_run_that_diverges_before_its_first_checkpoint_says_to_start_afresh(tm
     assert cli.main(["train", *FAST, "--lr", "0.05", "--steps", "10", "--out", str(out)]) == 3
     line = divergence_line(capsys.readouterr().err)
     assert "the loss is nan" in line and "no checkpoint was written yet" in line
-    assert line.endswith("start afresh with --overwrite and a lower --lr, e.g. --lr 0.002 (the preset's)")
+    assert line.endswith("start afresh with --overwrite and a lower --lr, e.g. --lr 0.004 (the preset's)")
     assert list(out.iterdir()) == []
 
 
