@@ -196,8 +196,8 @@ def device_flag(args):
 def preset_flags(preset, flags):
     """The preset defaults that have changed since runs were kept, spelled out where the recipe's `flags`
     leave them to the preset: the U-Net's width and depth (the `tiny` U-Net had 32 channels before it had
-    24) and the learning rate (10⁻³, then 2·10⁻³, before 4·10⁻³). A kept run then names what it trained, and one trained
-    under another PRESETS table is never reused for today's."""
+    24) and the learning rate (10⁻³, then 2·10⁻³, before 4·10⁻³). A kept run then names what it trained,
+    and one trained under another PRESETS table is never reused for today's."""
     unet, lr = PRESETS[preset].unet, TrainConfig.for_preset(preset).lr
     spelled = {"--channels": str(unet.base_channels), "--channel-mult": ",".join(map(str, unet.channel_mults)),
                "--num-res-blocks": str(unet.blocks_per_level), "--lr": f"{lr:g}"}
