@@ -32,7 +32,7 @@ class TrainConfig:
     preset: str = "tiny"
     steps: int = 2750
     batch_size: int = 64
-    lr: float = 4e-3                # docs/quality.md's frontier: beat 1e-3; more accurate than 2e-3 at w = 0.75
+    lr: float = 4e-3                # docs/quality.md's frontier: beats 1e-3 and 2e-3; 6e-3 ties, 8e-3 loses
     warmup_steps: int = 200
     grad_clip: float = 1.0
     schedule: str = "linear"
